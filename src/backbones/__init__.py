@@ -1,0 +1,8 @@
+"""Backbones: image feature sources, music denoisers, text encoders and latent codecs."""
+
+from .codecs import AudioLDMVAECodec, IdentityCodec
+from .stable_diffusion import StableDiffusionFeatureSource
+from .tango import TangoDenoiser
+from .text import T5TextEncoder
+
+__all__ = ["StableDiffusionFeatureSource", "TangoDenoiser", "T5TextEncoder", "IdentityCodec", "AudioLDMVAECodec"]

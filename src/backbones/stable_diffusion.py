@@ -1,0 +1,184 @@
+"""Image feature source: a frozen Stable Diffusion (1.x/2.x) UNet and VAE.
+
+``trajectory`` DDIM-inverts the image latent with an empty prompt over the
+sampling timesteps and captures the decoder self-attention keys/values:
+
+- ``reverse`` (the paper): invert to ``z_T``, then run the deterministic
+  reverse pass from ``z_T`` and capture at each timestep;
+- ``inversion``: capture during the inversion itself (half the UNet calls);
+- ``noise``: forward-noise the clean latent to each timestep (one call per
+  step, no inversion; the released code's inference feeds random latents).
+
+Both ``epsilon`` and ``v_prediction`` models are handled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.nn import functional as F
+
+from ..interfaces import FeatureSource, LayerInfo
+from ..registry import register
+from ..synapse.features import FeatureCache
+from ..synapse.install import capture, decoder_layers, layer_info
+from .loading import build_model
+
+__all__ = ["StableDiffusionFeatureSource", "ddim_alphas"]
+
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [8, 16, 32],
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "sample_size": 64,
+}
+
+
+def ddim_alphas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                schedule: str = "scaled_linear") -> torch.Tensor:
+    """Cumulative alpha products of the training noise schedule (float64)."""
+    if schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    elif schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    else:
+        raise ValueError(f"schedule: expected 'scaled_linear' or 'linear', got {schedule!r}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@register("feature_source", "stable_diffusion")
+class StableDiffusionFeatureSource(FeatureSource):
+    """Stable Diffusion UNet + VAE as a source of decoder self-attention features."""
+
+    def __init__(
+        self,
+        unet: Mapping[str, Any],
+        vae: Mapping[str, Any] | None = None,
+        resolution: int = 768,
+        layers: Sequence[str] | None = None,
+        prediction_type: str | None = None,
+        beta_schedule: str = "scaled_linear",
+        null_text_tokens: int = 77,
+        weights: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        if resolution < 8 or resolution % 8:
+            raise ValueError(f"resolution: expected a positive multiple of 8, got {resolution}")
+        self.resolution = resolution
+        self.unet: UNet2DConditionModel = build_model(
+            UNet2DConditionModel, unet, "feature_source.unet", weights=weights, device=device, dtype=dtype
+        ).requires_grad_(False)
+        self.vae: AutoencoderKL | None = None
+        if vae is not None:
+            self.vae = build_model(
+                AutoencoderKL, vae, "feature_source.vae", weights=weights, device=device, dtype=dtype, tiny=TINY_VAE
+            ).requires_grad_(False)
+        self.layer_names = list(layers) if layers is not None else decoder_layers(self.unet)
+        self.prediction_type = prediction_type or "epsilon"
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.alphas_cumprod = ddim_alphas(schedule=beta_schedule)
+        # the empty prompt's embedding; zeros unless a text encoder's output is set (SD: CLIP of "")
+        self.null_text = torch.zeros(1, null_text_tokens, self.unet.config.cross_attention_dim)
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return [layer_info(self.unet, name, "attn1") for name in self.layer_names]
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the (square) latent that ``encode`` returns."""
+        if self.vae is None:
+            size = self.unet.config.sample_size
+            return size if isinstance(size, int) else size[0]
+        return self.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``(batch, 3, H, W)`` in [0, 1] -> latents at ``resolution / 8`` (or the VAE's factor)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected (batch, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        x = images.to(self.device, torch.float32)
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0, 1)
+        x = (x * 2 - 1).to(self.dtype)
+        if self.vae is None:  # no VAE: the resized image itself, channel-padded to the UNet's input
+            x = F.adaptive_avg_pool2d(x, self.latent_size)
+            return F.pad(x, (0, 0, 0, 0, 0, self.unet.config.in_channels - 3))
+        latents = self.vae.encode(x).latent_dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    def _eps_x0(self, latents, t: int, alpha_t: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.unet(latents, t, encoder_hidden_states=context).sample.to(torch.float64)
+        x = latents.to(torch.float64)
+        a, s = alpha_t.sqrt(), (1 - alpha_t).sqrt()
+        if self.prediction_type == "epsilon":
+            eps = out
+            x0 = (x - s * eps) / a
+        else:
+            eps = a * out + s * x
+            x0 = a * x - s * out
+        return eps, x0
+
+    @torch.no_grad()
+    def trajectory(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
+                   mode: str = "reverse") -> FeatureCache:
+        """Features of ``latents`` at each of ``timesteps`` (see the module doc for ``mode``)."""
+        if mode not in ("reverse", "inversion", "noise"):
+            raise ValueError(f"mode: expected 'reverse', 'inversion' or 'noise', got {mode!r}")
+        ts = sorted({int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()})
+        if not ts:
+            raise ValueError("timesteps: empty")
+        if ts[0] < 0 or ts[-1] >= len(self.alphas_cumprod):
+            raise ValueError(f"timesteps: expected values in [0, {len(self.alphas_cumprod) - 1}], got {ts[0]}..{ts[-1]}")
+        alphas = self.alphas_cumprod.to(latents.device)
+        context = self.null_text.to(self.device, self.dtype).expand(latents.shape[0], -1, -1)
+        cache = FeatureCache()
+        handle = capture(self.unet, self.layer_names, which="attn1")
+        try:
+            if mode == "noise":
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                noise = torch.randn(latents.shape, generator=gen, dtype=torch.float64).to(latents.device)
+                for t in ts:
+                    a = alphas[t]
+                    x = (a.sqrt() * latents.to(torch.float64) + (1 - a).sqrt() * noise).to(self.dtype)
+                    self.unet(x, t, encoder_hidden_states=context)
+                    cache.add(t, handle.records)
+                return cache
+            x = latents.to(torch.float64)
+            alpha_prev = torch.tensor(1.0, dtype=torch.float64, device=latents.device)
+            for t in ts:  # DDIM inversion, clean -> noisy
+                eps, _ = self._eps_x0(x.to(self.dtype), t, alphas[t], context)
+                x0 = (x - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
+                x = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
+                alpha_prev = alphas[t]
+                if mode == "inversion":
+                    cache.add(t, handle.records)
+            if mode == "reverse":
+                for i, t in enumerate(reversed(ts)):  # deterministic DDIM, noisy -> clean
+                    eps, x0 = self._eps_x0(x.to(self.dtype), t, alphas[t], context)
+                    cache.add(t, handle.records)
+                    prev = ts[len(ts) - 2 - i] if i < len(ts) - 1 else None
+                    a_prev = alphas[prev] if prev is not None else torch.ones((), dtype=torch.float64)
+                    x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            return cache
+        finally:
+            handle.remove()

@@ -1,0 +1,58 @@
+"""Tango-style music denoiser: a diffusers ``UNet2DConditionModel`` with cross-attention on text tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..interfaces import LayerInfo, MusicDenoiser
+from ..registry import register
+from ..synapse.install import decoder_layers, layer_info
+from .loading import build_model
+
+__all__ = ["TangoDenoiser"]
+
+
+@register("denoiser", "tango")
+class TangoDenoiser(MusicDenoiser):
+    """Wraps the music UNet; ``latents`` are ``(batch, C, frames, mel_bins)``.
+
+    The synapse is installed on ``layers`` (default: the decoder transformer
+    layers), on their cross-attention (``attn2``).
+    """
+
+    attention = "attn2"
+
+    def __init__(
+        self,
+        unet: Mapping[str, Any],
+        layers: Sequence[str] | None = None,
+        prediction_type: str = "epsilon",
+        beta_schedule: str = "scaled_linear",
+        weights: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.unet: UNet2DConditionModel = build_model(
+            UNet2DConditionModel, unet, "denoiser.unet", weights=weights, device=device, dtype=dtype
+        )
+        self.layer_names = list(layers) if layers is not None else decoder_layers(self.unet)
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        self.beta_schedule = beta_schedule
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return [layer_info(self.unet, name, self.attention) for name in self.layer_names]
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def forward(self, latents, timestep, text, text_mask=None, synapse_context=None):
+        return self.unet(latents, timestep, encoder_hidden_states=text, encoder_attention_mask=text_mask).sample

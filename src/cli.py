@@ -1,0 +1,111 @@
+"""``melfusion generate | inspect``: a thin shell over the library (training and evaluation come later)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .config import MelFusionConfig
+    from .pipeline import MelFusion
+
+    cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
+    fs = cfg.feature_source.build(weights=False, device="meta")
+    den = cfg.denoiser.build(weights=False, device="meta")
+    codec_down = 4 if cfg.codec.name == "audioldm_vae" else 1
+
+    class _Codec:
+        downsample = codec_down
+
+    synapse = MelFusion.build_synapse(cfg, fs, den, _Codec())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"preset: {cfg.name or args.config}   (built on the meta device: no weights, no memory)")
+    print(f"image UNet ({cfg.feature_source.name}): {count(fs.unet):,} parameters, "
+          f"{fs.resolution}px -> {fs.latent_size}x{fs.latent_size} latent, taps {cfg.synapse.image_attention}")
+    print(f"music UNet ({cfg.denoiser.name}): {count(den.unet):,} parameters, "
+          f"{cfg.sampling.seconds} s, taps {cfg.synapse.music_attention}")
+    print(f"mixer: {cfg.synapse.mixer.name} {cfg.synapse.mixer.params or ''}  aligner: {cfg.synapse.aligner.name}")
+    rows = synapse.wiring()
+    cols = ["image_layer", "music_layer", "heads", "head_dim", "image_tokens", "music_tokens", "aligner", "params"]
+    table = [cols] + [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for j, row in enumerate(table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"{len(rows)} layer pairs; parameters added by the synapse: {count(synapse):,}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .config import MelFusionConfig
+    from .images import open_image
+    from .pipeline import MelFusion
+
+    image = open_image(args.image, "--image")  # fails early, before any model is built
+    cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
+    if cfg.name == "tiny":
+        print("note: the 'tiny' preset has random weights; the audio is noise-like until a trained model "
+              "is given (the embedded trained default comes in a later release).", file=sys.stderr)
+    start = time.perf_counter()
+    model = MelFusion.from_config(cfg)
+    out = model.generate(
+        image=image, text=args.text, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
+        num_samples=args.num_samples, seed=args.seed,
+    )
+    paths = out.save(args.out)
+    spectrogram = args.spectrogram or str(Path(args.out).with_suffix(".png"))
+    out.save_spectrogram(spectrogram)
+    took = time.perf_counter() - start
+    for p in paths:
+        print(f"wrote {p} ({out.waveforms.shape[-1] / out.sample_rate:.2f} s at {out.sample_rate} Hz)")
+    print(f"wrote {spectrogram}  [{took:.1f} s]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melfusion", description="Music from an image and a text prompt.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate music from an image and a text")
+    g.add_argument("--image", required=True, help="image file (any PIL mode or size)")
+    g.add_argument("--text", required=True, help="text prompt")
+    g.add_argument("--out", required=True, help="output WAV path")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
+    src.add_argument("--config", help="config file (.json or .yaml)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--image-guidance", type=float, default=None, help="separate image guidance scale")
+    g.add_argument("--scheduler", default=None, choices=["ddim", "ddpm", "dpm_solver++"])
+    g.add_argument("--seconds", type=float, default=None, help="audio length in seconds")
+    g.add_argument("--num-samples", type=int, default=None, help="samples per prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--spectrogram", default=None, help="spectrogram PNG path (default: OUT with .png)")
+    g.set_defaults(func=_generate)
+
+    i = sub.add_parser("inspect", help="print the synapse wiring of a preset (built on the meta device)")
+    isrc = i.add_mutually_exclusive_group()
+    isrc.add_argument("--preset", default="paper")
+    isrc.add_argument("--config", help="config file (.json or .yaml)")
+    i.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"melfusion {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

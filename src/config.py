@@ -1,0 +1,337 @@
+"""Configuration: pydantic models for a whole MelFusion model, with named presets.
+
+Every part is chosen by a registry name plus keyword parameters, validated
+when the config is built: unknown keys, unknown registry names, parameters a
+part does not take and out-of-range numbers all fail with a message that
+names the field. Presets:
+
+- ``tiny``: tiny random components, for tests and the CPU demo;
+- ``paper``: SD 2.1 image UNet + Tango music UNet, convex per-layer alphas on
+  the 9 decoder layers, the paper's sampling settings;
+- ``reference``: the same backbones with the released code's choices
+  (bounded mixer ``(2 sigmoid(a) - 1) / 5``, no image inversion).
+
+Configs round-trip through JSON and YAML (``to_json``/``from_json``,
+``to_yaml``/``from_yaml``, ``save``/``load`` by file suffix).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from .registry import registry
+
+__all__ = [
+    "PartConfig",
+    "FeatureSourceConfig",
+    "DenoiserConfig",
+    "TextEncoderConfig",
+    "CodecConfig",
+    "VocoderConfig",
+    "MixerConfig",
+    "AlignerConfig",
+    "SynapseConfig",
+    "SamplingConfig",
+    "MelFusionConfig",
+    "PRESETS",
+]
+
+# parameters that the composition supplies itself; a config must not set them
+_SUPPLIED = {
+    "mixer": {"num_layers", "num_heads", "head_dim"},
+    "aligner": {"in_heads", "in_head_dim", "out_heads", "out_head_dim", "in_grid"},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _ensure_builtin_parts() -> None:
+    """Import the modules whose classes register the built-in parts."""
+    from . import backbones, synapse, vocoders  # noqa: F401
+
+
+def _accepted_params(factory: Any) -> tuple[set[str], bool]:
+    """Names a factory takes by keyword, and whether it takes arbitrary ``**kwargs``."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return set(), True
+    names, var_kw = set(), False
+    for p in sig.parameters.values():
+        if p.name == "self":
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.add(p.name)
+    return names, var_kw
+
+
+class PartConfig(_Strict):
+    """A part chosen by registry ``name`` and built with keyword ``params``."""
+
+    kind: ClassVar[str] = ""
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_part(self) -> PartConfig:
+        _ensure_builtin_parts()
+        factory = registry(self.kind).get(self.name)  # raises with the known names
+        supplied = _SUPPLIED.get(self.kind, set())
+        taken = sorted(set(self.params) & supplied)
+        if taken:
+            raise ValueError(f"params: {taken} are set by melfusion from the model's layers, not by the config")
+        accepted, _ = _accepted_params(factory)
+        # **kwargs that a part ignores would hide typos: only named parameters are allowed
+        unknown = sorted(set(self.params) - accepted)
+        if unknown:
+            allowed = sorted(accepted - supplied)
+            raise ValueError(f"params: {self.kind} {self.name!r} takes no {unknown}; it takes {allowed}")
+        return self
+
+    def build(self, **supplied: Any) -> Any:
+        return registry(self.kind).build(self.name, **self.params, **supplied)
+
+
+class FeatureSourceConfig(PartConfig):
+    kind: ClassVar[str] = "feature_source"
+    name: str = "stable_diffusion"
+
+
+class DenoiserConfig(PartConfig):
+    kind: ClassVar[str] = "denoiser"
+    name: str = "tango"
+
+
+class TextEncoderConfig(PartConfig):
+    kind: ClassVar[str] = "text_encoder"
+    name: str = "t5"
+
+
+class CodecConfig(PartConfig):
+    kind: ClassVar[str] = "codec"
+    name: str = "identity"
+
+
+class VocoderConfig(PartConfig):
+    kind: ClassVar[str] = "vocoder"
+    name: str = "griffin_lim"
+
+
+class MixerConfig(PartConfig):
+    kind: ClassVar[str] = "mixer"
+    name: str = "convex"
+
+
+class AlignerConfig(PartConfig):
+    kind: ClassVar[str] = "aligner"
+    name: str = "pool"
+
+
+class SynapseConfig(_Strict):
+    """Which layers are paired and how they are mixed.
+
+    ``image_layers``/``music_layers`` default to every decoder transformer
+    layer (``up_blocks.i.attentions.j``) of each UNet, paired in order.
+    """
+
+    enabled: bool = True
+    mixer: MixerConfig = Field(default_factory=MixerConfig)
+    aligner: AlignerConfig = Field(default_factory=AlignerConfig)
+    image_layers: list[str] | None = None
+    music_layers: list[str] | None = None
+    image_attention: Literal["attn1", "attn2"] = "attn1"
+    music_attention: Literal["attn1", "attn2"] = "attn2"
+    image_trajectory: Literal["reverse", "inversion", "noise"] = "reverse"
+
+    @model_validator(mode="after")
+    def _same_count(self) -> SynapseConfig:
+        if self.image_layers is not None and self.music_layers is not None:
+            if len(self.image_layers) != len(self.music_layers):
+                raise ValueError(
+                    f"image_layers ({len(self.image_layers)}) and music_layers ({len(self.music_layers)}) "
+                    "must pair one to one"
+                )
+        return self
+
+
+class SamplingConfig(_Strict):
+    """Defaults for ``MelFusion.generate``; each can be overridden per call."""
+
+    num_inference_steps: PositiveInt = 200
+    guidance_scale: float = Field(7.0, ge=0.0)
+    image_guidance_scale: float | None = Field(None, ge=0.0)
+    scheduler: str = "ddim"
+    seconds: PositiveFloat = 10.24
+    num_samples: PositiveInt = 1
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        known = ("ddim", "ddpm", "dpm_solver++")
+        if value not in known:
+            raise ValueError(f"unknown scheduler {value!r}; known: {', '.join(known)}")
+        return value
+
+
+class MelFusionConfig(_Strict):
+    """A whole model: the parts, the synapse and the sampling defaults."""
+
+    name: str | None = None
+    feature_source: FeatureSourceConfig = Field(default_factory=FeatureSourceConfig)
+    denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+    vocoder: VocoderConfig = Field(default_factory=VocoderConfig)
+    synapse: SynapseConfig = Field(default_factory=SynapseConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sample_rate: PositiveInt = 16_000
+    hop_length: PositiveInt = 160
+    n_mels: PositiveInt = 64
+
+    # -- presets ------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MelFusionConfig:
+        """A named preset (``tiny``, ``paper``, ``reference``), with top-level overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        data = PRESETS[name]()
+        data.update(overrides)
+        return cls.model_validate(data)
+
+    # -- serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> MelFusionConfig:
+        return cls.model_validate_json(text)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> MelFusionConfig:
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a YAML mapping at the top level, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> MelFusionConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no such file {str(path)!r}")
+        text = path.read_text()
+        return cls.from_yaml(text) if path.suffix in (".yaml", ".yml") else cls.from_json(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets: plain dicts, validated when used
+
+
+def _tiny() -> dict[str, Any]:
+    # image UNet: attention at full latent resolution (16x16 = 256 tokens); music UNet: attention only at
+    # a quarter of the mel resolution, so self-attention stays small on a CPU; both 8 heads of size 8
+    image_unet = {
+        "block_out_channels": [64, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "attention_head_dim": 8,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "sample_size": 16,
+    }
+    music_unet = {
+        "block_out_channels": [32, 32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "attention_head_dim": 8,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "sample_size": [128, 64],
+    }
+    return {
+        "name": "tiny",
+        "feature_source": {
+            "name": "stable_diffusion",
+            "params": {"unet": {"config": image_unet}, "vae": {"config": "tiny"}, "resolution": 64},
+        },
+        "denoiser": {"name": "tango", "params": {"unet": {"config": music_unet}}},
+        "text_encoder": {"name": "t5", "params": {"config": "tiny"}},
+        "codec": {"name": "identity"},
+        "vocoder": {"name": "griffin_lim", "params": {"n_iter": 16}},
+        "synapse": {"mixer": {"name": "convex", "params": {"init": 0.5}}, "aligner": {"name": "pool"}},
+        "sampling": {"num_inference_steps": 10, "guidance_scale": 3.0, "seconds": 1.28},
+    }
+
+
+def _paper() -> dict[str, Any]:
+    return {
+        "name": "paper",
+        "feature_source": {
+            "name": "stable_diffusion",
+            "params": {
+                "unet": {"config": "sd21_unet", "pretrained": "stabilityai/stable-diffusion-2-1", "subfolder": "unet"},
+                "vae": {"config": "sd21_vae", "pretrained": "stabilityai/stable-diffusion-2-1", "subfolder": "vae"},
+                "resolution": 768,
+                "prediction_type": "v_prediction",
+            },
+        },
+        "denoiser": {
+            "name": "tango",
+            "params": {"unet": {"config": "tango_unet", "pretrained": "declare-lab/tango-full-ft-audio-music-caps"}},
+        },
+        "text_encoder": {"name": "t5", "params": {"pretrained": "google/flan-t5-large"}},
+        "codec": {"name": "audioldm_vae", "params": {"pretrained": "cvssp/audioldm-s-full-v2"}},
+        "vocoder": {"name": "hifigan", "params": {"pretrained": "cvssp/audioldm-s-full-v2"}},
+        "synapse": {"mixer": {"name": "convex"}, "aligner": {"name": "pool"}, "image_trajectory": "reverse"},
+        "sampling": {"num_inference_steps": 200, "guidance_scale": 7.0, "seconds": 10.24},
+    }
+
+
+def _reference() -> dict[str, Any]:
+    data = _paper()
+    data["name"] = "reference"
+    data["synapse"] = {
+        "mixer": {"name": "bounded", "params": {"rho": 5.0}},
+        "aligner": {"name": "pool"},
+        "image_trajectory": "noise",
+    }
+    return data
+
+
+PRESETS = {"tiny": _tiny, "paper": _paper, "reference": _reference}

@@ -1,0 +1,37 @@
+"""The AudioLDM mel front end: 16 kHz, n_fft 1024, hop 160, win 1024, 64 mels, 0-8000 Hz, natural log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import librosa
+import numpy as np
+
+__all__ = ["MelFrontEnd"]
+
+
+@dataclass(frozen=True)
+class MelFrontEnd:
+    sample_rate: int = 16_000
+    n_fft: int = 1024
+    hop_length: int = 160
+    win_length: int = 1024
+    n_mels: int = 64
+    fmin: float = 0.0
+    fmax: float = 8000.0
+    log_floor: float = 1e-5
+
+    def frames(self, seconds: float) -> int:
+        """Mel frames for ``seconds`` of audio (10.24 s -> 1024)."""
+        return int(round(seconds * self.sample_rate / self.hop_length))
+
+    def mel_basis(self) -> np.ndarray:
+        return librosa.filters.mel(sr=self.sample_rate, n_fft=self.n_fft, n_mels=self.n_mels,
+                                   fmin=self.fmin, fmax=self.fmax)
+
+    def __call__(self, waveform: np.ndarray) -> np.ndarray:
+        """``(samples,)`` float waveform -> ``(frames, n_mels)`` log-mel magnitude."""
+        spec = np.abs(librosa.stft(np.asarray(waveform, dtype=np.float32), n_fft=self.n_fft,
+                                   hop_length=self.hop_length, win_length=self.win_length, center=True))
+        mel = self.mel_basis() @ spec
+        return np.log(np.maximum(mel, self.log_floor)).T.astype(np.float32)

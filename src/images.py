@@ -1,0 +1,83 @@
+"""Turning user images (paths, PIL images, tensors) into ``(batch, 3, H, W)`` float tensors in [0, 1]."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["load_images", "open_image"]
+
+MAX_PIXELS = 8192 * 8192
+
+
+def open_image(path: str | Path, name: str = "image") -> Image.Image:
+    """An RGB PIL image from a file of any mode (EXIF rotation applied), or a clear ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{name}: no such file {str(path)!r}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name}: file {str(path)!r} is empty")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"{name}: {str(path)!r} is {im.width}x{im.height}, over the {MAX_PIXELS} pixel limit")
+            im.load()
+            return to_rgb(ImageOps.exif_transpose(im))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{name}: cannot read {str(path)!r} as an image ({exc})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: alpha composited on white, 16-bit and float scaled, palettes expanded."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        span = arr.max() - arr.min()
+        im = Image.fromarray((255 * (arr - arr.min()) / (span if span > 0 else 1)).astype(np.uint8))
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def _one(image: Any, name: str) -> torch.Tensor:
+    if isinstance(image, (str, Path)):
+        image = open_image(image, name)
+    if isinstance(image, Image.Image):
+        arr = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        x = image.detach().float()
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
+            raise ValueError(f"{name}: expected a (3, H, W) tensor in [0, 1], got shape {tuple(image.shape)}")
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise ValueError(f"{name}: tensor values must be finite and in [0, 1]")
+        return x[:3] if x.shape[0] != 1 else x.expand(3, -1, -1)
+    raise ValueError(f"{name}: expected a path, a PIL image or a float tensor in [0, 1], got {type(image).__name__}")
+
+
+def load_images(images: Any, name: str = "image") -> torch.Tensor:
+    """``(batch, 3, H, W)`` in [0, 1] from one image or a list (all are resized to the first one's size)."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return torch.cat([_one(x, f"{name}[{i}]")[None] for i, x in enumerate(images)])
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        if not images:
+            raise ValueError(f"{name}: empty list")
+        tensors = [_one(x, f"{name}[{i}]") for i, x in enumerate(images)]
+        size = tensors[0].shape[-2:]
+        tensors = [torch.nn.functional.interpolate(t[None], size=tuple(size), mode="bilinear")[0]
+                   if t.shape[-2:] != size else t for t in tensors]
+        return torch.stack(tensors)
+    return _one(images, name)[None]

@@ -1,0 +1,182 @@
+"""Aligners: map image keys/values onto a music layer's token count and width.
+
+An aligner is called as ``aligner(x, tokens, grid=None)`` with ``x`` shaped
+``(batch, heads_in, tokens_in, head_dim_in)`` and returns
+``(batch, heads_out, tokens, head_dim_out)``. An input that already has the
+target shape is returned unchanged (the very same tensor).
+
+- ``pool``: adaptive average pooling over the token axis (parameter-free; the
+  default). Widths must match.
+- ``interpolate``: resizes the 2-D token grid (``area`` by default, which
+  averages when shrinking); needs the source grid (given, or a square) and the
+  target grid.
+- ``linear``: a learned projection of the channels (heads x head_dim) followed
+  by token pooling; for pairs whose widths differ, e.g. SD image layers into
+  AudioLDM's UNet. Initialised to the identity when the widths are equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.nn import functional as F
+
+from ..registry import register
+
+__all__ = ["Aligner", "PoolAligner", "InterpolateAligner", "LinearAligner", "pool_tokens"]
+
+
+def pool_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Adaptive average pooling of ``(batch, heads, n, head_dim)`` over ``n`` to ``tokens``."""
+    if tokens < 1:
+        raise ValueError(f"tokens: expected a positive int, got {tokens}")
+    if x.shape[2] == tokens:
+        return x
+    batch, heads, _, dim = x.shape
+    dtype = x.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    seq = rearrange(x.to(compute), "b h n d -> (b h) d n")
+    seq = F.adaptive_avg_pool1d(seq, tokens)
+    return rearrange(seq, "(b h) d n -> b h n d", b=batch, h=heads).to(dtype)
+
+
+class Aligner(nn.Module):
+    """Base class: checks shapes; subclasses implement :meth:`align`."""
+
+    def __init__(
+        self,
+        in_heads: int,
+        in_head_dim: int,
+        out_heads: int | None = None,
+        out_head_dim: int | None = None,
+        in_grid: tuple[int, int] | None = None,
+        **unused,
+    ):
+        super().__init__()
+        self.in_heads = int(in_heads)
+        self.in_head_dim = int(in_head_dim)
+        self.out_heads = int(out_heads if out_heads is not None else in_heads)
+        self.out_head_dim = int(out_head_dim if out_head_dim is not None else in_head_dim)
+        self.in_grid = tuple(in_grid) if in_grid is not None else None
+        for name in ("in_heads", "in_head_dim", "out_heads", "out_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+
+    @property
+    def same_width(self) -> bool:
+        return (self.in_heads, self.in_head_dim) == (self.out_heads, self.out_head_dim)
+
+    def forward(self, x: torch.Tensor, tokens: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_heads or x.shape[3] != self.in_head_dim:
+            raise ValueError(
+                f"x: expected (batch, {self.in_heads}, tokens, {self.in_head_dim}), got {tuple(x.shape)}"
+            )
+        if isinstance(tokens, bool) or int(tokens) < 1:
+            raise ValueError(f"tokens: expected a positive int, got {tokens!r}")
+        if grid is not None and grid[0] * grid[1] != tokens:
+            raise ValueError(f"grid: {grid} has {grid[0] * grid[1]} cells but tokens is {tokens}")
+        return self.align(x, int(tokens), grid)
+
+    def align(self, x: torch.Tensor, tokens: int, grid: tuple[int, int] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"in=({self.in_heads}x{self.in_head_dim}), out=({self.out_heads}x{self.out_head_dim}), "
+            f"in_grid={self.in_grid}"
+        )
+
+
+def _require_same_width(aligner: Aligner) -> None:
+    if not aligner.same_width:
+        raise ValueError(
+            f"{type(aligner).__name__} cannot change the width "
+            f"({aligner.in_heads}x{aligner.in_head_dim} -> {aligner.out_heads}x{aligner.out_head_dim}); "
+            "use the 'linear' aligner where image and music widths differ"
+        )
+
+
+@register("aligner", "pool")
+class PoolAligner(Aligner):
+    """Adaptive average pooling over tokens (parameter-free)."""
+
+    def __init__(self, in_heads, in_head_dim, out_heads=None, out_head_dim=None, in_grid=None, **unused):
+        super().__init__(in_heads, in_head_dim, out_heads, out_head_dim, in_grid)
+        _require_same_width(self)
+
+    def align(self, x, tokens, grid):
+        return pool_tokens(x, tokens)
+
+
+@register("aligner", "interpolate")
+class InterpolateAligner(Aligner):
+    """Resizes the source token grid to the target grid with ``F.interpolate``."""
+
+    def __init__(
+        self,
+        in_heads,
+        in_head_dim,
+        out_heads=None,
+        out_head_dim=None,
+        in_grid=None,
+        mode: str = "area",
+        **unused,
+    ):
+        super().__init__(in_heads, in_head_dim, out_heads, out_head_dim, in_grid)
+        _require_same_width(self)
+        if mode not in ("area", "bilinear", "bicubic", "nearest", "nearest-exact"):
+            raise ValueError(f"mode: expected area, bilinear, bicubic, nearest or nearest-exact, got {mode!r}")
+        self.mode = mode
+
+    def _source_grid(self, tokens_in: int) -> tuple[int, int]:
+        if self.in_grid is not None:
+            if self.in_grid[0] * self.in_grid[1] != tokens_in:
+                raise ValueError(f"x: in_grid {self.in_grid} does not hold {tokens_in} tokens")
+            return self.in_grid
+        side = math.isqrt(tokens_in)
+        if side * side != tokens_in:
+            raise ValueError(f"x: {tokens_in} tokens are not a square grid; give in_grid to the aligner")
+        return (side, side)
+
+    def align(self, x, tokens, grid):
+        if grid is None and x.shape[2] == tokens:
+            return x  # already the target shape
+        height, width = self._source_grid(x.shape[2])
+        if grid is None:
+            side = math.isqrt(tokens)
+            if side * side != tokens:
+                raise ValueError(f"grid: needed for a non-square target of {tokens} tokens")
+            grid = (side, side)
+        if (height, width) == tuple(grid):
+            return x
+        batch, heads = x.shape[:2]
+        dtype = x.dtype
+        compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        img = rearrange(x.to(compute), "b h (y x) d -> b (h d) y x", y=height, x=width)
+        kwargs = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
+        img = F.interpolate(img, size=tuple(grid), mode=self.mode, **kwargs)
+        out = rearrange(img, "b (h d) y x -> b h (y x) d", b=batch, h=heads)
+        return out.to(dtype)
+
+
+@register("aligner", "linear")
+class LinearAligner(Aligner):
+    """A learned channel projection (``heads_in*head_dim_in -> heads_out*head_dim_out``), then token pooling."""
+
+    def __init__(self, in_heads, in_head_dim, out_heads=None, out_head_dim=None, in_grid=None, **unused):
+        super().__init__(in_heads, in_head_dim, out_heads, out_head_dim, in_grid)
+        in_dim, out_dim = self.in_heads * self.in_head_dim, self.out_heads * self.out_head_dim
+        self.proj = nn.Linear(in_dim, out_dim)
+        if in_dim == out_dim:
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.eye(out_dim))
+                self.proj.bias.zero_()
+
+    def align(self, x, tokens, grid):
+        x = pool_tokens(x, tokens)
+        merged = rearrange(x, "b h n d -> b n (h d)")
+        projected = self.proj(merged.to(self.proj.weight.dtype)).to(x.dtype)
+        return rearrange(projected, "b n (h d) -> b h n d", h=self.out_heads)

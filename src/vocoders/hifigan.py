@@ -1,0 +1,34 @@
+"""HiFi-GAN as in AudioLDM (``SpeechT5HifiGan``, ``vocoder/`` of ``cvssp/audioldm-s-full-v2``): 16 kHz, 64 mels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..interfaces import Vocoder
+from ..registry import register
+
+__all__ = ["HiFiGANVocoder"]
+
+
+@register("vocoder", "hifigan")
+class HiFiGANVocoder(Vocoder):
+    def __init__(self, pretrained: str | None = None, config: dict | None = None, subfolder: str = "vocoder",
+                 weights: bool = True, device: Any = None, dtype: Any = None):
+        from transformers import SpeechT5HifiGan
+
+        from ..backbones.loading import build_model
+
+        spec = {"pretrained": pretrained, "config": config, "subfolder": subfolder if pretrained else None}
+        spec = {k: v for k, v in spec.items() if v is not None}
+        self.model = build_model(SpeechT5HifiGan, spec, "vocoder", weights=weights, device=device,
+                                 dtype=dtype).requires_grad_(False)
+        self.sample_rate = int(self.model.config.sampling_rate)
+
+    @torch.no_grad()
+    def __call__(self, mel: torch.Tensor) -> torch.Tensor:
+        if mel.ndim == 4:
+            mel = mel[:, 0]
+        param = next(self.model.parameters())
+        return self.model(mel.to(param.device, param.dtype)).float()
