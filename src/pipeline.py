@@ -110,9 +110,8 @@ class MelFusion:
         feature_source = config.feature_source.build(**common)
         denoiser = config.denoiser.build(**common)
         text_encoder = config.text_encoder.build(**common)
-        codec = config.codec.build(**common) if config.codec.name != "identity" else config.codec.build()
-        vocoder = (config.vocoder.build(**common) if config.vocoder.name != "griffin_lim"
-                   else config.vocoder.build())
+        codec = config.codec.build(**common)
+        vocoder = config.vocoder.build(**common)
         synapse = None
         if config.synapse.enabled:
             synapse = cls.build_synapse(config, feature_source, denoiser, codec)

@@ -19,6 +19,9 @@ class IdentityCodec(LatentCodec):
     latent_channels = 1
     downsample = 1
 
+    def __init__(self, weights: bool = True, device: Any = None, dtype: Any = None):
+        super().__init__()  # no weights: the build arguments shared by all parts are accepted and unused
+
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         return mel
 

@@ -18,7 +18,8 @@ class GriffinLimVocoder(Vocoder):
     """Inverts AudioLDM-style log-mel spectrograms with librosa's Griffin-Lim."""
 
     def __init__(self, n_iter: int = 32, sample_rate: int = 16_000, hop_length: int = 160, n_mels: int = 64,
-                 max_log_mel: float = 5.0):
+                 max_log_mel: float = 5.0, weights: bool = True, device=None, dtype=None):
+        # weights/device/dtype: the build arguments shared by all parts; Griffin-Lim has no weights
         if n_iter < 1:
             raise ValueError(f"n_iter: expected a positive int, got {n_iter}")
         self.front_end = MelFrontEnd(sample_rate=sample_rate, hop_length=hop_length, n_mels=n_mels)
