@@ -30,15 +30,23 @@ from .synapse.features import FeatureCache
 from .synapse.install import SynapseHandle, install
 from .synapse.wiring import Synapse, probe_layers
 
-__all__ = ["MelFusion", "GenerationOutput", "make_scheduler"]
+__all__ = ["MelFusion", "GenerationOutput", "make_scheduler", "noise_schedule", "SCHEDULERS"]
 
 
-def make_scheduler(name: str, prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear"):
-    """A diffusers scheduler by name (``ddim``, ``ddpm``, ``dpm_solver++``) with SD's training schedule."""
+SCHEDULERS = ("ddim", "ddpm", "dpm_solver++")
+
+
+def make_scheduler(name: str, prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear",
+                   beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000):
+    """A diffusers scheduler by name (``ddim``, ``ddpm``, ``dpm_solver++``) for a model's training schedule.
+
+    The defaults are Stable Diffusion's (and Tango's) schedule; a denoiser
+    gives its own through its ``noise_schedule`` (AudioLDM: 0.0015 to 0.0195).
+    """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule,
-                  prediction_type=prediction_type)
+    common = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                  beta_schedule=beta_schedule, prediction_type=prediction_type)
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     if name == "ddpm":
@@ -166,8 +174,13 @@ class MelFusion:
         scheduler: str | None = None,
         negative_text: str = "",
         progress: bool = True,
+        peak_normalize: bool = True,
     ) -> GenerationOutput:
-        """Music for ``image`` and ``text``; see DESIGN.md and the module docstring."""
+        """Music for ``image`` and ``text``; see DESIGN.md and the module docstring.
+
+        ``peak_normalize`` scales a waveform whose peak exceeds 0.99 down to
+        0.99 (off: the vocoder's output as is, e.g. for parity checks).
+        """
         s = self.config.sampling
         texts = check_texts(text, "text")
         steps = _positive_int(num_inference_steps if num_inference_steps is not None else s.num_inference_steps,
@@ -185,7 +198,7 @@ class MelFusion:
         if image is not None and self.synapse is None:
             raise ValueError("image: this model has no synapse (config.synapse.enabled is false)")
 
-        sched = make_scheduler(scheduler or s.scheduler, self.denoiser.prediction_type, self.denoiser.beta_schedule)
+        sched = make_scheduler(scheduler or s.scheduler, **noise_schedule(self.denoiser))
         sched.set_timesteps(steps, device=device)
         batch = len(texts) * samples
 
@@ -241,10 +254,20 @@ class MelFusion:
 
         mel = self.codec.decode(latents.to(self.denoiser.unet.dtype)).float()
         waves = self.vocoder(mel).float().cpu().numpy()
-        peak = np.abs(waves).max(axis=-1, keepdims=True)
-        waves = np.where(peak > 0.99, waves * (0.99 / np.maximum(peak, 1e-12)), waves).astype(np.float32)
+        if peak_normalize:
+            peak = np.abs(waves).max(axis=-1, keepdims=True)
+            waves = np.where(peak > 0.99, waves * (0.99 / np.maximum(peak, 1e-12)), waves)
+        waves = waves.astype(np.float32)
         mel_np = mel[:, 0].cpu().numpy() if mel.ndim == 4 else mel.cpu().numpy()
         return GenerationOutput(waveforms=waves, sample_rate=self.sample_rate, mel=mel_np, texts=prompts)
+
+
+def noise_schedule(denoiser: Any) -> dict[str, Any]:
+    """The training noise schedule of ``denoiser``: its ``noise_schedule`` dict, else SD's with its prediction type."""
+    schedule = dict(getattr(denoiser, "noise_schedule", None) or {})
+    schedule.setdefault("prediction_type", getattr(denoiser, "prediction_type", "epsilon"))
+    schedule.setdefault("beta_schedule", getattr(denoiser, "beta_schedule", "scaled_linear"))
+    return schedule
 
 
 def _positive_int(value: Any, name: str) -> int:
