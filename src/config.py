@@ -9,7 +9,10 @@ names the field. Presets:
 - ``paper``: SD 2.1 image UNet + Tango music UNet, convex per-layer alphas on
   the 9 decoder layers, the paper's sampling settings;
 - ``reference``: the same backbones with the released code's choices
-  (bounded mixer ``(2 sigmoid(a) - 1) / 5``, no image inversion).
+  (bounded mixer ``(2 sigmoid(a) - 1) / 5``, no image inversion);
+- ``audioldm``: SD 2.1 image UNet + AudioLDM-S music UNet with its CLAP text
+  encoder; a ``linear`` aligner resizes image token grids onto the music
+  grids and projects the channels; AudioLDM's guidance 2.5.
 
 Configs round-trip through JSON and YAML (``to_json``/``from_json``,
 ``to_yaml``/``from_yaml``, ``save``/``load`` by file suffix).
@@ -182,6 +185,9 @@ class SamplingConfig(_Strict):
     scheduler: str = "ddim"
     seconds: PositiveFloat = 10.24
     num_samples: PositiveInt = 1
+    # image-UNet timesteps: None = every sampling step (the paper); k = k timesteps spread over the sampling
+    # grid, each music step using the nearest one's features (fewer image-UNet evaluations)
+    image_steps: PositiveInt | None = None
 
     @field_validator("scheduler")
     @classmethod
@@ -313,11 +319,18 @@ def _paper() -> dict[str, Any]:
         },
         "denoiser": {
             "name": "tango",
-            "params": {"unet": {"config": "tango_unet", "pretrained": "declare-lab/tango-full-ft-audio-music-caps"}},
+            "params": {
+                "unet": {"config": "tango_unet", "pretrained": "declare-lab/tango-full-ft-audio-music-caps"},
+                # Tango's main_config takes its noise schedule from stabilityai/stable-diffusion-2-1: v-prediction
+                "prediction_type": "v_prediction",
+            },
         },
-        "text_encoder": {"name": "t5", "params": {"pretrained": "google/flan-t5-large"}},
-        "codec": {"name": "audioldm_vae", "params": {"pretrained": "cvssp/audioldm-s-full-v2"}},
-        "vocoder": {"name": "hifigan", "params": {"pretrained": "cvssp/audioldm-s-full-v2"}},
+        # the shipped configs let weights=False / device="meta" build the architectures without the hub
+        "text_encoder": {"name": "t5", "params": {"pretrained": "google/flan-t5-large", "config": "flan_t5_large"}},
+        "codec": {"name": "audioldm_vae",
+                  "params": {"pretrained": "cvssp/audioldm-s-full-v2", "config": "audioldm_vae"}},
+        "vocoder": {"name": "hifigan",
+                    "params": {"pretrained": "cvssp/audioldm-s-full-v2", "config": "audioldm_hifigan"}},
         "synapse": {"mixer": {"name": "convex"}, "aligner": {"name": "pool"}, "image_trajectory": "reverse"},
         "sampling": {"num_inference_steps": 200, "guidance_scale": 7.0, "seconds": 10.24},
     }
@@ -334,4 +347,27 @@ def _reference() -> dict[str, Any]:
     return data
 
 
-PRESETS = {"tiny": _tiny, "paper": _paper, "reference": _reference}
+def _audioldm() -> dict[str, Any]:
+    # the paper's SD 2.1 image features into AudioLDM-S (CLAP-conditioned; its attn2 attends over the music
+    # tokens, so each image layer's token grid is resized onto the music layer's grid and its channels projected)
+    data = _paper()
+    data["name"] = "audioldm"
+    repo = "cvssp/audioldm-s-full-v2"
+    data["denoiser"] = {
+        "name": "audioldm",
+        "params": {"unet": {"config": "audioldm_s_unet", "pretrained": repo, "subfolder": "unet"}},
+    }
+    data["text_encoder"] = {
+        "name": "clap",
+        "params": {"pretrained": repo, "subfolder": "text_encoder", "config": "clap_text"},
+    }
+    data["synapse"] = {
+        "mixer": {"name": "convex"},
+        "aligner": {"name": "linear", "params": {"resize": "interpolate"}},
+        "image_trajectory": "reverse",
+    }
+    data["sampling"] = {"num_inference_steps": 200, "guidance_scale": 2.5, "seconds": 10.24}
+    return data
+
+
+PRESETS = {"tiny": _tiny, "paper": _paper, "reference": _reference, "audioldm": _audioldm}

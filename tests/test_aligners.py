@@ -461,3 +461,104 @@ def test_non_positive_sizes_raise(cls, name):
 def test_interpolate_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         InterpolateAligner(2, 4, mode="trilinear")
+
+
+# ---------------------------------------------------------------------------------
+# 9. linear with resize="interpolate": grid resize, then channel projection
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@FAST
+@given(
+    batch=batches,
+    in_heads=heads_st,
+    in_head_dim=head_dims,
+    out_heads=heads_st,
+    out_head_dim=head_dims,
+    src=st.tuples(grid_sides, grid_sides),
+    dst=st.tuples(grid_sides, grid_sides),
+    mode=st.sampled_from(MODES),
+    seed=seeds,
+)
+def test_linear_interpolate_shape_and_matches_resize_then_matmul(
+    dtype, batch, in_heads, in_head_dim, out_heads, out_head_dim, src, dst, mode, seed
+):
+    aligner = LinearAligner(in_heads, in_head_dim, out_heads, out_head_dim, in_grid=src, resize="interpolate",
+                            mode=mode)
+    x = uniform((batch, in_heads, src[0] * src[1], in_head_dim), seed, 10.0).to(dtype)
+    tokens = dst[0] * dst[1]
+    with torch.no_grad():
+        out = aligner(x, tokens, grid=dst)
+        resized = InterpolateAligner(in_heads, in_head_dim, in_grid=src, mode=mode)(x.float(), tokens, grid=dst)
+        merged = resized.permute(0, 2, 1, 3).reshape(batch, tokens, in_heads * in_head_dim)
+        expected = (merged @ aligner.proj.weight.T + aligner.proj.bias).reshape(batch, tokens, out_heads, out_head_dim)
+    assert out.shape == (batch, out_heads, tokens, out_head_dim) and out.dtype == dtype
+    assert torch.isfinite(out.float()).all()
+    close(out, expected.permute(0, 2, 1, 3), dtype, 100.0 if mode == "bicubic" else 10.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@FAST
+@given(batch=batches, heads=heads_st, head_dim=head_dims, grid=st.tuples(grid_sides, grid_sides),
+       mode=st.sampled_from(MODES), seed=seeds)
+def test_linear_interpolate_identity_when_widths_and_grids_equal(dtype, batch, heads, head_dim, grid, mode, seed):
+    tokens = grid[0] * grid[1]
+    x = uniform((batch, heads, tokens, head_dim), seed, 100.0).to(dtype)
+    aligner = LinearAligner(heads, head_dim, in_grid=grid, resize="interpolate", mode=mode)
+    with torch.no_grad():
+        assert torch.equal(aligner(x, tokens, grid=grid), x)
+        assert torch.equal(aligner(x, tokens), x)  # no target grid and the same token count: no resize
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("mode", MODES)
+@FAST
+@given(batch=batches, heads=heads_st, head_dim=head_dims, src=st.tuples(grid_sides, grid_sides),
+       dst=st.tuples(grid_sides, grid_sides), seed=seeds)
+def test_linear_interpolate_equals_interpolate_at_identity_init(dtype, mode, batch, heads, head_dim, src, dst, seed):
+    # equal widths: the projection starts as the identity, so the aligner is the interpolate aligner
+    x = uniform((batch, heads, src[0] * src[1], head_dim), seed, 10.0).to(dtype)
+    tokens = dst[0] * dst[1]
+    with torch.no_grad():
+        out = LinearAligner(heads, head_dim, in_grid=src, resize="interpolate", mode=mode)(x, tokens, grid=dst)
+    ref = InterpolateAligner(heads, head_dim, in_grid=src, mode=mode)(x, tokens, grid=dst)
+    assert out.dtype == dtype
+    close(out, ref, dtype, 100.0 if mode == "bicubic" else 10.0)
+
+
+@FAST
+@given(batch=batches, heads=heads_st, head_dim=head_dims, src=st.tuples(grid_sides, grid_sides),
+       dst=st.tuples(grid_sides, grid_sides), value=st.floats(-100.0, 100.0))
+def test_linear_interpolate_area_keeps_constants(batch, heads, head_dim, src, dst, value):
+    x = torch.full((batch, heads, src[0] * src[1], head_dim), value)
+    aligner = LinearAligner(heads, head_dim, in_grid=src, resize="interpolate")
+    with torch.no_grad():
+        out = aligner(x, dst[0] * dst[1], grid=dst)
+    close(out, torch.full(out.shape, value), torch.float32, abs(value))
+
+
+def test_linear_interpolate_area_4x8_to_2x4_is_block_mean_then_projection():
+    aligner = LinearAligner(3, 5, out_heads=2, out_head_dim=4, in_grid=(4, 8), resize="interpolate")
+    x = uniform((2, 3, 32, 5), 7, 10.0)
+    with torch.no_grad():
+        out = aligner(x, 8, grid=(2, 4))
+        blocks = x.reshape(2, 3, 2, 2, 4, 2, 5).mean(dim=(3, 5)).reshape(2, 3, 8, 5)
+        merged = blocks.permute(0, 2, 1, 3).reshape(2, 8, 15)
+        expected = aligner.proj(merged).reshape(2, 8, 2, 4).permute(0, 2, 1, 3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_interpolate_needs_grids_and_rejects_bad_options():
+    x = uniform((1, 2, 6, 4), 0)
+    with pytest.raises(ValueError, match="in_grid"):  # 6 tokens: not a square, no in_grid
+        LinearAligner(2, 4, resize="interpolate")(x, 4, grid=(2, 2))
+    with pytest.raises(ValueError, match="grid"):  # a non-square target needs its grid
+        LinearAligner(2, 4, in_grid=(2, 3), resize="interpolate")(x, 3)
+    with pytest.raises(ValueError, match="resize"):
+        LinearAligner(2, 4, resize="bilinear")
+    with pytest.raises(ValueError, match="mode"):
+        LinearAligner(2, 4, resize="interpolate", mode="trilinear")
+    # the pooling default is unchanged: a grid changes nothing for resize="pool"
+    pooled = LinearAligner(2, 4)
+    torch.testing.assert_close(pooled(x, 3, grid=(1, 3)), pooled(x, 3))

@@ -8,19 +8,32 @@ A spec is a mapping with any of:
 - ``subfolder``: the folder inside ``pretrained`` (``"unet"``, ``"vae"``, ...).
 
 With ``weights=False`` (or on the meta device) only the architecture is built,
-from ``config``, so the full-size paper models can be checked without memory.
+from ``config`` (or, without one, from the config stored with ``pretrained``),
+so the full-size paper models can be checked without memory.
+
+Tango's released checkpoints (``declare-lab/tango*``) are not diffusers
+folders: :func:`load_tango_unet` reads the UNet out of their
+``pytorch_model_main.bin`` (a state dict of Tango's whole model, UNet keys
+prefixed ``unet.``) with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..presets import load_json
 
-__all__ = ["resolve_config", "build_model"]
+__all__ = ["resolve_config", "build_model", "check_source", "fetch_file", "load_state_dict_file", "load_weights",
+           "load_tango_unet", "TANGO_WEIGHTS"]
+
+TANGO_WEIGHTS = "pytorch_model_main.bin"  # Tango's whole AudioDiffusion module; the UNet's keys start with "unet."
 
 _SPEC_KEYS = {"config", "pretrained", "subfolder", "revision"}
 
@@ -60,6 +73,7 @@ def build_model(
     spec = _check_spec(spec, what)
     meta = device is not None and torch.device(device).type == "meta"
     if spec.get("pretrained") and weights and not meta:
+        check_source(spec["pretrained"], what)
         kwargs = {k: spec[k] for k in ("subfolder", "revision") if spec.get(k)}
         try:
             model = cls.from_pretrained(spec["pretrained"], **kwargs)
@@ -70,9 +84,15 @@ def build_model(
                 "Give a local folder written by save_pretrained, or allow hub downloads."
             ) from exc
     else:
-        if not spec.get("config"):
-            raise ValueError(f"{what}: building without weights needs a 'config'")
-        config = resolve_config(spec["config"], tiny)
+        if spec.get("config"):
+            config = resolve_config(spec["config"], tiny)
+        elif spec.get("pretrained") and _is_local(spec["pretrained"]):
+            config = _stored_config(cls, spec, what)  # a local folder's own config.json: no download
+        else:
+            raise ValueError(
+                f"{what}: building without weights needs a 'config' (a shipped name or a dict); "
+                f"{spec.get('pretrained')!r} is not a local folder to read one from"
+            )
         if meta:
             with torch.device("meta"):
                 model = _from_config(cls, config)
@@ -87,3 +107,218 @@ def _from_config(cls: Any, config: dict[str, Any]) -> Any:
     if getattr(cls, "config_class", None) is not None:  # transformers: a config object, then the model
         return cls(cls.config_class(**config))
     return cls.from_config(config)  # diffusers
+
+
+def _is_local(name: str | os.PathLike) -> bool:
+    return os.path.exists(name)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _is_hub_id(name: str) -> bool:
+    """``owner/name`` (or ``name``) that is not an existing local path."""
+    return not _is_local(name) and ".." not in name and bool(_HUB_ID.match(name))
+
+
+def check_source(pretrained: str | os.PathLike, what: str) -> None:
+    """An ``OSError`` naming ``pretrained`` when it is neither an existing local path nor shaped like a hub id."""
+    if not _is_local(pretrained) and not _is_hub_id(str(pretrained)):
+        raise OSError(f"{what}: no such folder {str(pretrained)!r} (and it is not a hub id)")
+
+
+def _stored_config(cls: Any, spec: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The ``config.json`` that ``save_pretrained`` wrote into a local folder (or its ``subfolder``)."""
+    import json
+
+    folder = Path(spec["pretrained"], spec.get("subfolder") or "")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise OSError(f"{what}: no config.json in {str(folder)!r} to build {cls.__name__} from; give a 'config'")
+    return resolve_config(json.loads(file.read_text()))
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def fetch_file(
+    pretrained: str | os.PathLike,
+    filename: str,
+    what: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """The local path of ``filename`` in a local folder, or in a hub repo (downloaded or from the cache).
+
+    Failures are an ``OSError`` naming the folder or repo and the file; a
+    hub failure keeps the ``huggingface_hub`` error as ``__cause__``.
+    """
+    src = str(pretrained)
+    if os.path.isdir(src):
+        path = Path(src, subfolder or "", filename)
+        if not path.is_file():
+            raise OSError(f"{what}: no {filename!r} in the folder {str(path.parent)!r}")
+        return path
+    if not _is_hub_id(src):
+        raise OSError(f"{what}: {src!r} is neither a local folder nor a hub id")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(src, filename, subfolder=subfolder or None, revision=revision))
+    except (OSError, ValueError) as exc:
+        name = f"{subfolder}/{filename}" if subfolder else filename
+        raise OSError(
+            f"{what}: could not fetch {name!r} from the hub repo {src!r} ({type(exc).__name__}: {exc}). "
+            "Give a local folder holding it, or allow hub downloads."
+        ) from exc
+
+
+def load_state_dict_file(path: str | os.PathLike, what: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, keys starting with ``prefix`` (stripped); other keys are ignored.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(path, map_location="cpu", weights_only=True)``, which
+    refuses pickled objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise OSError(
+            f"{what}: refused to load {str(path)!r}: it pickles objects other than tensors and plain containers, "
+            f"and checkpoints are only read with torch.load(weights_only=True) ({first})"
+        ) from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise OSError(f"{what}: could not read {str(path)!r} as a checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]  # a training checkpoint wrapping the state dict
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what}: {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    out = {str(k)[len(prefix):]: v for k, v in state.items() if str(k).startswith(prefix)}
+    if not out:
+        raise ValueError(
+            f"{what}: no keys starting with {prefix!r} in {str(path)!r} (its keys: {_few(sorted(map(str, state)))})"
+        )
+    bad = sorted(k for k, v in out.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise ValueError(f"{what}: non-tensor entries in {str(path)!r}: {_few(bad)}")
+    return out
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str,
+                 source: str = "the checkpoint") -> torch.nn.Module:
+    """Load ``state`` into ``model`` after a strict check of names and shapes.
+
+    A model on the meta device takes the tensors themselves (``assign=True``),
+    so a full-size architecture is never initialised only to be overwritten.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_few(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches (checkpoint != model): {_few(mismatched)}")
+        raise ValueError(
+            f"{what}: the weights in {source} do not fit the configured architecture; "
+            + "; ".join(problems) + ". Check the 'config'."
+        )
+    on_meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(dict(state), strict=True, assign=on_meta)
+    return model
+
+
+def load_tango_unet(
+    spec: Mapping[str, Any] | None,
+    what: str,
+    *,
+    weights: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """A ``UNet2DConditionModel`` from a diffusers folder / hub id, or from a Tango checkpoint.
+
+    ``pretrained`` may be (a) a diffusers folder or hub id (``config.json`` +
+    ``diffusion_pytorch_model.safetensors``, optionally in ``subfolder``),
+    (b) a Tango folder or hub id holding ``pytorch_model_main.bin``, or a path
+    to such a file. Tango checkpoints carry no UNet config: the architecture
+    comes from the spec's ``config`` (``"tango_unet"`` for the released
+    models), and only the ``unet.``-prefixed tensors are loaded (strictly).
+    """
+    from diffusers import UNet2DConditionModel
+
+    spec = _check_spec(spec, what)
+    meta = device is not None and torch.device(device).type == "meta"
+    kwargs = dict(weights=weights, device=device, dtype=dtype)
+    if not spec.get("pretrained") or not weights or meta:
+        return build_model(UNet2DConditionModel, spec, what, **kwargs)
+    src = str(spec["pretrained"])
+    try:
+        file = _tango_weights(spec, what)
+    except OSError as tango_exc:  # e.g. offline: the repo may still be a diffusers one in the cache
+        try:
+            return build_model(UNet2DConditionModel, spec, what, **kwargs)
+        except OSError as exc:
+            inner = [str(e).removeprefix(f"{what}: ") for e in (tango_exc, exc)]
+            raise OSError(
+                f"{what}: could not load {src!r} as a Tango checkpoint ({inner[0]}) "
+                f"nor as a diffusers UNet ({inner[1]})"
+            ) from exc
+    if file is None:
+        return build_model(UNet2DConditionModel, spec, what, **kwargs)
+    if not spec.get("config"):
+        raise ValueError(
+            f"{what}: the Tango checkpoint {str(file)!r} holds no UNet config; "
+            "give a 'config' (\"tango_unet\" for declare-lab's released models)"
+        )
+    config = resolve_config(spec["config"])
+    state = load_state_dict_file(file, what, prefix="unet.")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    unet = load_weights(unet, state, what, repr(str(file)))
+    if any(t.is_meta for t in unet.buffers()):  # a buffer outside the state dict: build for real instead
+        unet = load_weights(UNet2DConditionModel.from_config(config), state, what, repr(str(file)))
+    if dtype is not None or device is not None:
+        unet = unet.to(device=device, dtype=dtype)
+    return unet.eval()
+
+
+def _tango_weights(spec: Mapping[str, Any], what: str) -> Path | None:
+    """The Tango checkpoint file named by ``spec``, or None when ``pretrained`` is a diffusers model."""
+    src, sub = str(spec["pretrained"]), spec.get("subfolder") or ""
+    if os.path.isfile(src):
+        return Path(src)
+    if os.path.isdir(src):
+        folder = Path(src, sub)
+        if (folder / TANGO_WEIGHTS).is_file() and not (folder / "config.json").is_file():
+            return folder / TANGO_WEIGHTS
+        return None
+    if not _is_hub_id(src):
+        return None  # a missing local path: build_model's error names it
+    try:
+        return fetch_file(src, TANGO_WEIGHTS, what, subfolder=sub or None, revision=spec.get("revision"))
+    except OSError as exc:
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+        cause = exc.__cause__
+        if isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError):
+            return None  # the repo exists and has no Tango file: a diffusers repo
+        raise

