@@ -48,16 +48,23 @@ def _generate(args: argparse.Namespace) -> int:
     from .pipeline import MelFusion
 
     image = open_image(args.image, "--image")  # fails early, before any model is built
-    cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
+    dtype = _dtype(args.dtype)
+    start = time.perf_counter()
+    if args.model:
+        model = MelFusion.from_pretrained(args.model, device=args.device, dtype=dtype)
+        cfg = model.config
+    else:
+        cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
+        model = None
     if cfg.name == "tiny":
         print("note: the 'tiny' preset has random weights; the audio is noise-like until a trained model "
               "is given (the embedded trained default comes in a later release).", file=sys.stderr)
-    start = time.perf_counter()
-    model = MelFusion.from_config(cfg)
+    if model is None:
+        model = MelFusion.from_config(cfg, device=args.device, dtype=dtype)
     out = model.generate(
         image=image, text=args.text, num_inference_steps=args.steps, guidance_scale=args.guidance,
         image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
-        num_samples=args.num_samples, seed=args.seed,
+        num_samples=args.num_samples, seed=args.seed, image_steps=args.image_steps,
     )
     paths = out.save(args.out)
     spectrogram = args.spectrogram or str(Path(args.out).with_suffix(".png"))
@@ -67,6 +74,12 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"wrote {p} ({out.waveforms.shape[-1] / out.sample_rate:.2f} s at {out.sample_rate} Hz)")
     print(f"wrote {spectrogram}  [{took:.1f} s]")
     return 0
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,13 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
     src.add_argument("--config", help="config file (.json or .yaml)")
+    src.add_argument("--model", help="folder written by MelFusion.save_pretrained (or a hub id when online)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--image-guidance", type=float, default=None, help="separate image guidance scale")
     g.add_argument("--scheduler", default=None, choices=["ddim", "ddpm", "dpm_solver++"])
     g.add_argument("--seconds", type=float, default=None, help="audio length in seconds")
     g.add_argument("--num-samples", type=int, default=None, help="samples per prompt")
+    g.add_argument("--image-steps", type=int, default=None,
+                   help="image-UNet timesteps (default: every step; fewer is faster, see the README)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
     g.add_argument("--spectrogram", default=None, help="spectrogram PNG path (default: OUT with .png)")
     g.set_defaults(func=_generate)
 

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from .backbones.text import check_texts
 from .config import MelFusionConfig
 from .images import load_images
-from .synapse.features import FeatureCache
+from .synapse.features import FeatureCache, FeatureStore, tensor_digest
 from .synapse.install import SynapseHandle, install
 from .synapse.wiring import Synapse, probe_layers
 
-__all__ = ["MelFusion", "GenerationOutput", "make_scheduler", "noise_schedule", "SCHEDULERS"]
+__all__ = ["MelFusion", "GenerationOutput", "make_scheduler", "noise_schedule", "image_timesteps", "SCHEDULERS"]
 
 
 SCHEDULERS = ("ddim", "ddpm", "dpm_solver++")
@@ -97,6 +97,9 @@ class MelFusion:
         self.codec = codec
         self.vocoder = vocoder
         self.synapse = synapse
+        self._built_with_weights = True  # from_config(weights=False) clears it: then save_pretrained keeps everything
+        # aligned image features of recent images, reused across calls (see image_features)
+        self.feature_cache = FeatureStore(max_items=8)
         self._handle: SynapseHandle | None = None
         if synapse is not None:
             self._handle = install(denoiser.unet, synapse.mixer, layers=synapse.music_layer_names,
@@ -125,7 +128,9 @@ class MelFusion:
             synapse = cls.build_synapse(config, feature_source, denoiser, codec)
             if device is not None:
                 synapse = synapse.to(device)
-        return cls(config, feature_source, denoiser, text_encoder, codec, vocoder, synapse)
+        model = cls(config, feature_source, denoiser, text_encoder, codec, vocoder, synapse)
+        model._built_with_weights = bool(weights)
+        return model
 
     @staticmethod
     def build_synapse(config: MelFusionConfig, feature_source, denoiser, codec) -> Synapse:
@@ -143,6 +148,113 @@ class MelFusion:
         return Synapse(image_layers, music_layers, mixer=syn.mixer.name, aligner=syn.aligner.name,
                        mixer_params=syn.mixer.params, aligner_params=syn.aligner.params)
 
+    # -- saving and loading -------------------------------------------------------------
+    PARTS = ("feature_source", "denoiser", "text_encoder", "codec", "vocoder")
+    CONFIG_NAME = "melfusion_config.json"
+    INDEX_NAME = "melfusion_weights.json"
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the model to folder ``path``.
+
+        Written: the config as JSON; the music UNet as a diffusers folder
+        (``unet/``: ``config.json`` + safetensors, loadable by diffusers
+        alone); the synapse (mixer and aligners) as ``synapse.safetensors``.
+        Frozen parts are referenced by the hub id or folder in the config
+        (``pretrained``) and not copied; a frozen model that has no such
+        reference (random or trained from scratch, as in the tiny preset) is
+        saved as ``<part>.<module>.safetensors``. Files are written to a
+        temporary folder first and moved into place, so an interrupted save
+        leaves an earlier save intact.
+        """
+        import json
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.config.save(tmp / self.CONFIG_NAME)
+            self.denoiser.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            stored: dict[str, list[str]] = {}
+            for part_name in self.PARTS:
+                if part_name == "denoiser":
+                    continue
+                for attr, module in _frozen_modules(getattr(self, part_name)).items():
+                    if self._built_with_weights and _has_weights_reference(self.config, part_name, attr,
+                                                                           getattr(self, part_name)):
+                        continue
+                    save_model(module, str(tmp / f"{part_name}.{attr}.safetensors"))
+                    stored.setdefault(part_name, []).append(attr)
+            if self.synapse is not None:
+                save_model(self.synapse, str(tmp / "synapse.safetensors"))
+            index = {"format": "melfusion", "version": 1, "unet": "unet", "stored_frozen_modules": stored,
+                     "synapse": "synapse.safetensors" if self.synapse is not None else None}
+            (tmp / self.INDEX_NAME).write_text(json.dumps(index, indent=2))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: Any = None, dtype: torch.dtype | None = None,
+                        revision: str | None = None) -> MelFusion:
+        """Load a model written by :meth:`save_pretrained` (a local folder, or a hub id when online)."""
+        import copy
+        import json
+
+        from safetensors.torch import load_model
+
+        folder = _resolve_model_folder(path, revision)
+        config = MelFusionConfig.load(folder / cls.CONFIG_NAME)
+        index_path = folder / cls.INDEX_NAME
+        if not index_path.is_file():
+            raise OSError(f"model: {str(folder)!r} has no {cls.INDEX_NAME}; was it written by save_pretrained?")
+        index = json.loads(index_path.read_text())
+        stored = index.get("stored_frozen_modules", {})
+        common = dict(device=device, dtype=dtype)
+        parts = {}
+        for part_name in cls.PARTS:
+            part_cfg = getattr(config, part_name)
+            if part_name == "denoiser":
+                params = copy.deepcopy(part_cfg.params)
+                spec = dict(params.get("unet") or {})
+                spec.update({"pretrained": str(folder), "subfolder": index.get("unet", "unet")})
+                params["unet"] = spec
+                parts[part_name] = registry_build("denoiser", part_cfg.name, params, weights=True, **common)
+                continue
+            saved = stored.get(part_name, [])
+            part = part_cfg.build(weights=not saved, **common)
+            for attr in saved:
+                module = _frozen_modules(part)[attr]
+                file = folder / f"{part_name}.{attr}.safetensors"
+                if not file.is_file():
+                    raise OSError(f"model: missing weights file {str(file)!r}")
+                load_model(module, str(file), device=str(device or "cpu"))
+                if dtype is not None:
+                    module.to(dtype=dtype)
+            parts[part_name] = part
+        synapse = None
+        if config.synapse.enabled:
+            synapse = cls.build_synapse(config, parts["feature_source"], parts["denoiser"], parts["codec"])
+            file = folder / (index.get("synapse") or "synapse.safetensors")
+            if not file.is_file():
+                raise OSError(f"model: missing weights file {str(file)!r}")
+            load_model(synapse, str(file), device=str(device or "cpu"))
+            if device is not None or dtype is not None:
+                synapse = synapse.to(device=device)
+        return cls(config, **parts, synapse=synapse)
+
     # -- helpers --------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -152,12 +264,40 @@ class MelFusion:
     def sample_rate(self) -> int:
         return self.vocoder.sample_rate
 
-    def image_features(self, images: torch.Tensor, timesteps: torch.Tensor, text_tokens: int) -> FeatureCache:
-        """Captured image features for ``timesteps``, aligned to the music layers and ``text_tokens``."""
-        latents = self.feature_source.encode(images)
-        cache = self.feature_source.trajectory(latents, timesteps, mode=self.config.synapse.image_trajectory)
+    def image_features(self, images: torch.Tensor, timesteps: torch.Tensor | Sequence[int], text_tokens: int,
+                       mode: str | None = None) -> FeatureCache:
+        """Image features for ``timesteps``, aligned to the music layers (``text_tokens`` keys where they attend text).
+
+        Each timestep's captured keys/values are aligned as soon as they are
+        captured, so only the aligned tensors are kept (for the paper's
+        configuration, kilobytes per step instead of about 60 MB). The result
+        is remembered in ``self.feature_cache`` under the image content and
+        every setting that shapes it, so a repeated image skips the image UNet.
+        """
+        mode = mode or self.config.synapse.image_trajectory
+        ts = tuple(sorted({int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()}))
+        key = self._feature_key(images, ts, int(text_tokens), mode)
+        cached = self.feature_cache.get(key)
+        if cached is not None:
+            return cached
+
+        def align(t: int, records: dict) -> dict:
+            step = FeatureCache()
+            step.add(t, records)
+            return self.synapse.align(step, int(text_tokens)).at(t)
+
         with torch.no_grad():
-            return self.synapse.align(cache, text_tokens)
+            latents = self.feature_source.encode(images)
+            cache = self.feature_source.trajectory(latents, ts, mode=mode, transform=align)
+        self.feature_cache.put(key, cache)
+        return cache
+
+    def _feature_key(self, images: torch.Tensor, timesteps: tuple[int, ...], text_tokens: int, mode: str) -> tuple:
+        fs = self.feature_source
+        # learned aligners change in place while training: their parameter versions are part of the key
+        versions = tuple(p._version for p in self.synapse.aligners.parameters())
+        return (tensor_digest(images), timesteps, text_tokens, mode, id(fs), getattr(fs, "resolution", None),
+                str(getattr(fs, "dtype", "")), str(getattr(fs, "device", "")), id(self.synapse), versions)
 
     # -- Algorithm 2 --------------------------------------------------------------------
     @torch.no_grad()
@@ -172,12 +312,16 @@ class MelFusion:
         seconds: float | None = None,
         num_samples: int | None = None,
         scheduler: str | None = None,
+        image_steps: int | None = None,
         negative_text: str = "",
         progress: bool = True,
         peak_normalize: bool = True,
     ) -> GenerationOutput:
         """Music for ``image`` and ``text``; see DESIGN.md and the module docstring.
 
+        ``image_steps`` (default: the config's ``sampling.image_steps``, None:
+        every step) runs the image UNet on that many timesteps spread over
+        the sampling grid; each step then uses the nearest one's features.
         ``peak_normalize`` scales a waveform whose peak exceeds 0.99 down to
         0.99 (off: the vocoder's output as is, e.g. for parity checks).
         """
@@ -213,9 +357,13 @@ class MelFusion:
             images = load_images(image, "image").to(device)
             if images.shape[0] not in (1, len(texts)):
                 raise ValueError(f"image: got {images.shape[0]} images for {len(texts)} texts; give 1 or one per text")
-            cache = self.image_features(images, sched.timesteps, text_tokens=emb.shape[1])
+            k_img = image_steps if image_steps is not None else s.image_steps
+            grid = image_timesteps(sched.timesteps, k_img)
+            cache = self.image_features(images, grid, text_tokens=emb.shape[1])
             per_row = batch // images.shape[0]
-            cache = cache.map(lambda _, k, v: (k.repeat_interleave(per_row, 0), v.repeat_interleave(per_row, 0)))
+            if images.shape[0] > 1 and per_row > 1:  # one image per text, each repeated per sample
+                cache = cache.map(lambda _, k, v: (k.repeat_interleave(per_row, 0), v.repeat_interleave(per_row, 0)))
+            # a single image is tiled over the batch by the synapse itself, without copies here
 
         # branches, concatenated on the batch axis: [empty, text (+image)] or [empty, text, text+image]
         three = use_image and g_image is not None
@@ -260,6 +408,62 @@ class MelFusion:
         waves = waves.astype(np.float32)
         mel_np = mel[:, 0].cpu().numpy() if mel.ndim == 4 else mel.cpu().numpy()
         return GenerationOutput(waveforms=waves, sample_rate=self.sample_rate, mel=mel_np, texts=prompts)
+
+
+def registry_build(kind: str, name: str, params: dict[str, Any], **supplied: Any) -> Any:
+    from .registry import registry
+
+    return registry(kind).build(name, **params, **supplied)
+
+
+def _frozen_modules(part: Any) -> dict[str, torch.nn.Module]:
+    """The torch modules a part holds, by attribute name (``unet``, ``vae``, ``model``...)."""
+    if part is None:
+        return {}
+    found = {}
+    for attr, value in vars(part).items():
+        if attr.startswith("_") or not isinstance(value, torch.nn.Module) or not value.state_dict():
+            continue
+        found[attr] = value
+    if isinstance(part, torch.nn.Module) and not found and part.state_dict():
+        found["module"] = part
+    return found
+
+
+def _has_weights_reference(config: MelFusionConfig, part_name: str, attr: str, part: Any) -> bool:
+    """Whether module ``attr`` of a part is loaded from published weights (so save_pretrained need not copy it)."""
+    if getattr(part, "ships_weights", False):  # e.g. MiniLM: the weights come with a Python package
+        return True
+    params = getattr(config, part_name).params
+    spec = params.get(attr)
+    if isinstance(spec, dict):
+        return bool(spec.get("pretrained"))
+    return bool(params.get("pretrained"))
+
+
+def _resolve_model_folder(path: str | Path, revision: str | None) -> Path:
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    if folder.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
+        raise OSError(f"model: {str(path)!r} is not a folder written by save_pretrained")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), revision=revision))
+    except Exception as exc:  # offline, unknown repo, no network
+        raise OSError(f"model: could not get {str(path)!r} from the hub ({type(exc).__name__}: {exc}); "
+                      "give a local folder written by save_pretrained") from exc
+
+
+def image_timesteps(timesteps: torch.Tensor | Sequence[int], image_steps: int | None) -> list[int]:
+    """``image_steps`` of the sampling ``timesteps``, evenly spread and including both ends (None: all)."""
+    ts = [int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+    if image_steps is None or image_steps >= len(ts):
+        return ts
+    image_steps = _positive_int(image_steps, "image_steps")
+    index = np.unique(np.round(np.linspace(0, len(ts) - 1, image_steps)).astype(int))
+    return [ts[i] for i in index]
 
 
 def noise_schedule(denoiser: Any) -> dict[str, Any]:

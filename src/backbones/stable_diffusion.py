@@ -14,7 +14,7 @@ Both ``epsilon`` and ``v_prediction`` models are handled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -138,47 +138,105 @@ class StableDiffusionFeatureSource(FeatureSource):
             x0 = a * x - s * out
         return eps, x0
 
-    @torch.no_grad()
-    def trajectory(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
-                   mode: str = "reverse") -> FeatureCache:
-        """Features of ``latents`` at each of ``timesteps`` (see the module doc for ``mode``)."""
-        if mode not in ("reverse", "inversion", "noise"):
-            raise ValueError(f"mode: expected 'reverse', 'inversion' or 'noise', got {mode!r}")
+    def _check_timesteps(self, timesteps: torch.Tensor | Sequence[int]) -> list[int]:
         ts = sorted({int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()})
         if not ts:
             raise ValueError("timesteps: empty")
         if ts[0] < 0 or ts[-1] >= len(self.alphas_cumprod):
-            raise ValueError(f"timesteps: expected values in [0, {len(self.alphas_cumprod) - 1}], got {ts[0]}..{ts[-1]}")
+            raise ValueError(
+                f"timesteps: expected values in [0, {len(self.alphas_cumprod) - 1}], got {ts[0]}..{ts[-1]}"
+            )
+        return ts
+
+    def _context(self, batch: int) -> torch.Tensor:
+        return self.null_text.to(self.device, self.dtype).expand(batch, -1, -1)
+
+    @torch.no_grad()
+    def invert(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """DDIM inversion with the empty prompt: clean ``latents`` -> the noisy latent at the largest timestep.
+
+        Deterministic (eta 0); computed in float64 between UNet calls.
+        ``on_step(t)`` is called after the UNet evaluation at each timestep
+        (in increasing order), e.g. to read captured features.
+        """
+        ts = self._check_timesteps(timesteps)
         alphas = self.alphas_cumprod.to(latents.device)
-        context = self.null_text.to(self.device, self.dtype).expand(latents.shape[0], -1, -1)
+        context = self._context(latents.shape[0])
+        x = latents.to(torch.float64)
+        alpha_prev = torch.tensor(1.0, dtype=torch.float64, device=latents.device)
+        for t in ts:  # clean -> noisy
+            eps, _ = self._eps_x0(x.to(self.dtype), t, alphas[t], context)
+            if on_step is not None:
+                on_step(t)
+            x0 = (x - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
+            x = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
+            alpha_prev = alphas[t]
+        return x
+
+    @torch.no_grad()
+    def sample(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Deterministic DDIM from noisy ``latents`` at the largest timestep down to a clean latent.
+
+        The exact reverse of :meth:`invert` on the same timesteps, up to the
+        inversion's approximation (the noise prediction at step ``t`` is
+        taken at the previous latent). ``on_step(t)`` is called after each
+        UNet evaluation, in decreasing ``t``.
+        """
+        ts = self._check_timesteps(timesteps)
+        alphas = self.alphas_cumprod.to(latents.device)
+        context = self._context(latents.shape[0])
+        x = latents.to(torch.float64)
+        for i, t in enumerate(reversed(ts)):  # noisy -> clean
+            eps, x0 = self._eps_x0(x.to(self.dtype), t, alphas[t], context)
+            if on_step is not None:
+                on_step(t)
+            prev = ts[len(ts) - 2 - i] if i < len(ts) - 1 else None
+            a_prev = alphas[prev] if prev is not None else torch.ones((), dtype=torch.float64, device=x.device)
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return x
+
+    def unet_evaluations(self, steps: int, mode: str = "reverse") -> int:
+        """Image-UNet evaluations that :meth:`trajectory` makes for ``steps`` timesteps."""
+        return 2 * steps if mode == "reverse" else steps
+
+    @torch.no_grad()
+    def trajectory(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
+                   mode: str = "reverse", transform: Callable[[int, dict], dict] | None = None) -> FeatureCache:
+        """Features of ``latents`` at each of ``timesteps`` (see the module doc for ``mode``).
+
+        ``transform(t, features) -> features`` is applied to each timestep's
+        captured ``{layer: (keys, values)}`` as soon as it is captured (the
+        pipeline aligns them to the music layers there, so only the small
+        aligned tensors are kept).
+        """
+        if mode not in ("reverse", "inversion", "noise"):
+            raise ValueError(f"mode: expected 'reverse', 'inversion' or 'noise', got {mode!r}")
+        ts = self._check_timesteps(timesteps)
         cache = FeatureCache()
         handle = capture(self.unet, self.layer_names, which="attn1")
+
+        def keep(t: int) -> None:
+            records = dict(handle.records)
+            cache.add(t, transform(t, records) if transform is not None else records)
+            handle.clear()
+
         try:
             if mode == "noise":
+                alphas = self.alphas_cumprod.to(latents.device)
+                context = self._context(latents.shape[0])
                 gen = torch.Generator(device="cpu").manual_seed(0)
                 noise = torch.randn(latents.shape, generator=gen, dtype=torch.float64).to(latents.device)
                 for t in ts:
                     a = alphas[t]
                     x = (a.sqrt() * latents.to(torch.float64) + (1 - a).sqrt() * noise).to(self.dtype)
                     self.unet(x, t, encoder_hidden_states=context)
-                    cache.add(t, handle.records)
-                return cache
-            x = latents.to(torch.float64)
-            alpha_prev = torch.tensor(1.0, dtype=torch.float64, device=latents.device)
-            for t in ts:  # DDIM inversion, clean -> noisy
-                eps, _ = self._eps_x0(x.to(self.dtype), t, alphas[t], context)
-                x0 = (x - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
-                x = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
-                alpha_prev = alphas[t]
-                if mode == "inversion":
-                    cache.add(t, handle.records)
-            if mode == "reverse":
-                for i, t in enumerate(reversed(ts)):  # deterministic DDIM, noisy -> clean
-                    eps, x0 = self._eps_x0(x.to(self.dtype), t, alphas[t], context)
-                    cache.add(t, handle.records)
-                    prev = ts[len(ts) - 2 - i] if i < len(ts) - 1 else None
-                    a_prev = alphas[prev] if prev is not None else torch.ones((), dtype=torch.float64)
-                    x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+                    keep(t)
+            elif mode == "inversion":
+                self.invert(latents, ts, on_step=keep)
+            else:
+                self.sample(self.invert(latents, ts), ts, on_step=keep)
             return cache
         finally:
             handle.remove()

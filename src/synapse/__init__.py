@@ -47,7 +47,7 @@ __all__ = [
     "CaptureHandle",
 ]
 
-from .features import FeatureCache  # noqa: E402
+from .features import FeatureCache, FeatureStore  # noqa: E402
 from .wiring import LayerPair, Synapse, probe_layers  # noqa: E402
 
-__all__ += ["FeatureCache", "LayerPair", "Synapse", "probe_layers"]
+__all__ += ["FeatureCache", "FeatureStore", "LayerPair", "Synapse", "probe_layers"]
