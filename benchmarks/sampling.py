@@ -46,14 +46,15 @@ from melfusion.synapse.features import FeatureCache  # noqa: E402
 from melfusion.synapse.install import capture  # noqa: E402
 
 
-def _unet(channels, heads_dim, in_channels, cross_dim, sample):
+def _unet(channels, head_dim, in_channels, cross_dim, sample):
     n = len(channels)
     return {
         "block_out_channels": list(channels),
         "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
-        "attention_head_dim": heads_dim,
+        # attention on the two lower resolutions only (the full-resolution level is convolutional)
+        "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
+        "up_block_types": ["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"],
+        "attention_head_dim": [c // head_dim for c in channels],  # heads per block, from a fixed head size
         "cross_attention_dim": cross_dim,
         "norm_num_groups": 16,
         "in_channels": in_channels,
@@ -63,30 +64,27 @@ def _unet(channels, heads_dim, in_channels, cross_dim, sample):
 
 
 def config(name: str) -> mf.MelFusionConfig:
-    """``tiny``: the tiny preset; ``mid``: both UNets the paper's shape at 1/5 width, image 256 px (32x32
-    latent) vs 2.56 s of music (a 256x64 mel): image:music pixels 1:16 of the paper's 9216:4096 per layer
-    scale; ``full``: the paper preset (SD 2.1 + Tango sizes; random weights)."""
+    """``tiny``: the tiny preset. ``mid``: the same UNet shape on both sides with the paper's proportions: a
+    384 px image gives a 96x96 latent (9216 positions; attention over 2304 and 576 tokens, as SD 2.1's
+    up_blocks 2 and 1 see), 0.64 s of music a 64x64 mel (4096 positions, as Tango's 256x16 latent).
+    ``full``: the paper preset (SD 2.1 + Tango sizes) with random weights."""
     if name == "tiny":
         return mf.MelFusionConfig.preset("tiny")
     if name == "full":
-        cfg = mf.MelFusionConfig.preset("paper")
-        return cfg
+        return mf.MelFusionConfig.preset("paper")
     if name != "mid":
         raise ValueError(f"--configs: unknown configuration {name!r}")
     cfg = mf.MelFusionConfig.preset("tiny").to_dict()
-    channels = [64, 128, 256, 256]
-    # SD-style head counts from a fixed head size: attention_head_dim lists the heads per block
-    heads = [c // 32 for c in channels]
-    image = _unet(channels, heads, 4, 64, 32)
-    music = _unet(channels, heads, 1, 64, [256, 64])
+    channels = [32, 64, 128]
     cfg["name"] = "mid"
-    cfg["feature_source"]["params"] = {"unet": {"config": image}, "vae": {"config": "tiny"}, "resolution": 256}
-    cfg["denoiser"]["params"] = {"unet": {"config": music}}
+    cfg["feature_source"]["params"] = {"unet": {"config": _unet(channels, 32, 4, 64, 96)},
+                                       "vae": {"config": "tiny"}, "resolution": 384}
+    cfg["denoiser"]["params"] = {"unet": {"config": _unet(channels, 32, 1, 64, [64, 64])}}
     cfg["text_encoder"]["params"] = {"config": {"vocab_size": 384, "d_model": 64, "d_kv": 16, "d_ff": 128,
                                                 "num_layers": 2, "num_heads": 4, "dropout_rate": 0.0,
                                                 "decoder_start_token_id": 0, "pad_token_id": 0,
                                                 "eos_token_id": 1}}
-    cfg["sampling"]["seconds"] = 2.56
+    cfg["sampling"]["seconds"] = 0.64
     return mf.MelFusionConfig.model_validate(cfg)
 
 
@@ -104,10 +102,10 @@ class _NoVocoder:
 class _ReleasedWayFeatures:
     """What the released code does per step: image UNet on the guidance-doubled batch, host round trip."""
 
-    def __init__(self, model, images, text_tokens):
+    def __init__(self, model, images, tokens_and_grids):
         self.model, self.fs = model, model.feature_source
         self.latents = self.fs.encode(images)
-        self.text_tokens = text_tokens
+        self.tokens, self.grids = tokens_and_grids
         gen = torch.Generator(device="cpu").manual_seed(0)
         self.noise = torch.randn(self.latents.shape, generator=gen).to(self.latents.device, self.latents.dtype)
 
@@ -127,7 +125,7 @@ class _ReleasedWayFeatures:
         records = {k: (kk[:1].to(device), vv[:1].to(device)) for k, (kk, vv) in records.items()}  # ... and back
         step = FeatureCache()
         step.add(t, records)
-        return self.model.synapse.align(step, self.text_tokens).at(t)
+        return self.model.synapse.align(step, self.tokens, self.grids).at(t)
 
     def map(self, fn):
         raise NotImplementedError
@@ -154,7 +152,7 @@ def run(name, steps, repeats, device, dtype, image_steps):
     torch.manual_seed(0)
     cfg = config(name)
     weights = name != "full"  # full size: random weights, the architecture from the shipped configs
-    model = mf.MelFusion.from_config(cfg, weights=weights, device=device, dtype=dtype)
+    model = mf.MelFusion.from_config(cfg, weights=weights, device=None if device == "cpu" else device, dtype=dtype)
     model.vocoder = _NoVocoder(cfg.sample_rate, cfg.hop_length)
     with torch.no_grad():
         model.synapse.mixer.fill_(0.5)
@@ -171,8 +169,23 @@ def run(name, steps, repeats, device, dtype, image_steps):
 
     original = model.image_features
 
-    def released(images, timesteps, text_tokens, mode=None):
-        return _ReleasedWayFeatures(model, images, text_tokens)
+    def released(images, timesteps, text_tokens, mode=None, latent_hw=None):
+        return _ReleasedWayFeatures(model, images, model.music_tokens(text_tokens, latent_hw))
+    # one image-UNet evaluation (batch 1) against one music step (the guidance-doubled batch)
+    fs, den = model.feature_source, model.denoiser
+    lat = fs.encode(image[None].to(model.device))
+    ctx = fs._context(1)
+    t = torch.tensor(500, device=model.device)
+    with torch.no_grad():
+        image_eval = _time(lambda: fs.unet(lat, t, encoder_hidden_states=ctx), repeats, device)
+        emb, mask = model.text_encoder(["a calm piano melody", ""])
+        emb = emb.to(model.device, den.unet.dtype)
+        frames = int(round(cfg.sampling.seconds * cfg.sample_rate / cfg.hop_length))
+        down = getattr(model.codec, "downsample", 1)
+        x = torch.randn(2, den.in_channels, frames // down, cfg.n_mels // down, device=model.device,
+                        dtype=den.unet.dtype)
+        music_step = _time(lambda: den(x, t, emb, mask), repeats, device)
+    cost = image_eval / music_step
 
     model.image_features = released
     try:
@@ -197,7 +210,7 @@ def run(name, steps, repeats, device, dtype, image_steps):
     effect = (faithful - text_only).pow(2).mean().sqrt().item()
     deviations = {key: (out - faithful).pow(2).mean().sqrt().item() / max(effect, 1e-12)
                   for key, out in outputs.items()}
-    return model, rows, deviations
+    return model, rows, deviations, cost
 
 
 def report(name, steps, rows, deviations, image_steps):
@@ -229,13 +242,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    image_steps = args.image_steps or max(1, args.steps // 10)
+    image_steps = args.image_steps or max(2, args.steps // 10)
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     print(f"melfusion sampling benchmark: device {args.device}, {args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     for name in args.configs.split(","):
-        _, rows, deviations = run(name.strip(), args.steps, args.repeats, args.device, dtype, image_steps)
+        _, rows, deviations, cost = run(name.strip(), args.steps, args.repeats, args.device, dtype, image_steps)
         report(name.strip(), args.steps, rows, deviations, image_steps)
+        print(f"one image-UNet evaluation (batch 1) costs {cost:.2f} music steps (guidance batch of 2); "
+              "paper sizes by FLOPs: 2.15 / (2 x 0.80) = 1.34")
     return 0
 
 

@@ -265,7 +265,7 @@ class MelFusion:
         return self.vocoder.sample_rate
 
     def image_features(self, images: torch.Tensor, timesteps: torch.Tensor | Sequence[int], text_tokens: int,
-                       mode: str | None = None) -> FeatureCache:
+                       mode: str | None = None, latent_hw: tuple[int, int] | None = None) -> FeatureCache:
         """Image features for ``timesteps``, aligned to the music layers (``text_tokens`` keys where they attend text).
 
         Each timestep's captured keys/values are aligned as soon as they are
@@ -276,7 +276,8 @@ class MelFusion:
         """
         mode = mode or self.config.synapse.image_trajectory
         ts = tuple(sorted({int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()}))
-        key = self._feature_key(images, ts, int(text_tokens), mode)
+        tokens, grids = self.music_tokens(int(text_tokens), latent_hw)
+        key = self._feature_key(images, ts, (tuple(tokens), tuple(grids)), mode)
         cached = self.feature_cache.get(key)
         if cached is not None:
             return cached
@@ -284,7 +285,7 @@ class MelFusion:
         def align(t: int, records: dict) -> dict:
             step = FeatureCache()
             step.add(t, records)
-            return self.synapse.align(step, int(text_tokens)).at(t)
+            return self.synapse.align(step, tokens, grids).at(t)
 
         with torch.no_grad():
             latents = self.feature_source.encode(images)
@@ -292,11 +293,37 @@ class MelFusion:
         self.feature_cache.put(key, cache)
         return cache
 
-    def _feature_key(self, images: torch.Tensor, timesteps: tuple[int, ...], text_tokens: int, mode: str) -> tuple:
+    def music_tokens(self, text_tokens: int, latent_hw: tuple[int, int] | None = None
+                     ) -> tuple[list[int], list[tuple[int, int] | None]]:
+        """Key count and token grid of each paired music layer for a music latent of ``latent_hw``.
+
+        Layers that cross-attend to text have ``text_tokens`` keys; layers that
+        attend over the music tokens (AudioLDM) have a grid that scales with
+        the latent, probed at the config's clip length and rescaled here.
+        """
+        cfg = self.config
+        down = getattr(self.codec, "downsample", 1)
+        probe_hw = (int(round(cfg.sampling.seconds * cfg.sample_rate / cfg.hop_length)) // down, cfg.n_mels // down)
+        latent_hw = latent_hw or probe_hw
+        tokens: list[int] = []
+        grids: list[tuple[int, int] | None] = []
+        for pair in self.synapse.pairs:
+            grid = pair.music.grid
+            if pair.music.tokens is None or grid is None:
+                tokens.append(text_tokens)
+                grids.append(None)
+                continue
+            factor = (max(1, round(probe_hw[0] / grid[0])), max(1, round(probe_hw[1] / grid[1])))
+            hw = (-(-latent_hw[0] // factor[0]), -(-latent_hw[1] // factor[1]))
+            tokens.append(hw[0] * hw[1])
+            grids.append(hw)
+        return tokens, grids
+
+    def _feature_key(self, images: torch.Tensor, timesteps: tuple[int, ...], tokens: tuple, mode: str) -> tuple:
         fs = self.feature_source
         # learned aligners change in place while training: their parameter versions are part of the key
         versions = tuple(p._version for p in self.synapse.aligners.parameters())
-        return (tensor_digest(images), timesteps, text_tokens, mode, id(fs), getattr(fs, "resolution", None),
+        return (tensor_digest(images), timesteps, tokens, mode, id(fs), getattr(fs, "resolution", None),
                 str(getattr(fs, "dtype", "")), str(getattr(fs, "device", "")), id(self.synapse), versions)
 
     # -- Algorithm 2 --------------------------------------------------------------------
@@ -352,6 +379,12 @@ class MelFusion:
         emb = emb.to(device, self.denoiser.unet.dtype)
         cond_emb, cond_mask, null_emb, null_mask = emb[:batch], mask[:batch], emb[batch:], mask[batch:]
 
+        frames = int(round(seconds * self.config.sample_rate / self.config.hop_length))
+        down = getattr(self.codec, "downsample", 1)
+        frames -= frames % (down * 2 ** (len(self.denoiser.unet.config.block_out_channels) - 1))
+        if frames <= 0:
+            raise ValueError(f"seconds: {seconds} s is too short for this model")
+        shape = (batch, self.denoiser.in_channels, frames // down, self.config.n_mels // down)
         cache = None
         if use_image:
             images = load_images(image, "image").to(device)
@@ -359,7 +392,7 @@ class MelFusion:
                 raise ValueError(f"image: got {images.shape[0]} images for {len(texts)} texts; give 1 or one per text")
             k_img = image_steps if image_steps is not None else s.image_steps
             grid = image_timesteps(sched.timesteps, k_img)
-            cache = self.image_features(images, grid, text_tokens=emb.shape[1])
+            cache = self.image_features(images, grid, text_tokens=emb.shape[1], latent_hw=(shape[2], shape[3]))
             per_row = batch // images.shape[0]
             if images.shape[0] > 1 and per_row > 1:  # one image per text, each repeated per sample
                 cache = cache.map(lambda _, k, v: (k.repeat_interleave(per_row, 0), v.repeat_interleave(per_row, 0)))
@@ -373,12 +406,6 @@ class MelFusion:
         rows[-batch:] = use_image
         emb_all, mask_all = torch.cat(branch_emb), torch.cat(branch_mask)
 
-        frames = int(round(seconds * self.config.sample_rate / self.config.hop_length))
-        down = getattr(self.codec, "downsample", 1)
-        frames -= frames % (down * 2 ** (len(self.denoiser.unet.config.block_out_channels) - 1))
-        if frames <= 0:
-            raise ValueError(f"seconds: {seconds} s is too short for this model")
-        shape = (batch, self.denoiser.in_channels, frames // down, self.config.n_mels // down)
         gen = torch.Generator(device="cpu").manual_seed(int(seed)) if seed is not None else None
         latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
         latents = latents * sched.init_noise_sigma

@@ -301,3 +301,18 @@ def test_synapse_on_audioldm_changes_music_unless_alpha_is_zero(synapse_model):
         text_only = synapse_model.generate(image=None, **kw).mel
     np.testing.assert_allclose(a0, b0, atol=1e-5)
     np.testing.assert_allclose(a0, text_only, atol=1e-5)
+
+
+def test_synapse_on_audioldm_follows_the_clip_length(synapse_model):
+    # AudioLDM's music grid scales with the clip: features are aligned to the grid of each call's latent
+    cfg_seconds = synapse_model.config.sampling.seconds
+    for seconds in (cfg_seconds / 2, cfg_seconds * 2):
+        out = synapse_model.generate(image=_image(0), text="calm piano", num_inference_steps=1, seconds=seconds,
+                                     progress=False)
+        assert np.isfinite(out.mel).all()
+    tokens, grids = synapse_model.music_tokens(7, None)  # the probed clip: (128 frames, 64 mels)
+    assert tokens == [p.music.tokens for p in synapse_model.synapse.pairs]
+    assert grids == [p.music.grid for p in synapse_model.synapse.pairs]
+    double_tokens, double_grids = synapse_model.music_tokens(7, (256, 64))
+    assert double_tokens == [2 * t for t in tokens]
+    assert double_grids == [(2 * h, w) for h, w in grids]
