@@ -17,9 +17,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.nn import functional as F
 
-from ..interfaces import LayerInfo, MusicDenoiser, TextEncoder
+from ..interfaces import TextEncoder
 from ..registry import register
-from ..synapse.install import decoder_layers, layer_info
+from .base import UNetDenoiser
 from .loading import build_model
 from .text import check_texts
 
@@ -66,7 +66,7 @@ TINY_CLAP = {
 
 
 @register("denoiser", "audioldm")
-class AudioLDMDenoiser(MusicDenoiser):
+class AudioLDMDenoiser(UNetDenoiser):
     """Wraps AudioLDM's UNet; ``latents`` are ``(batch, 8, frames / 4, mels / 4)``.
 
     ``text`` is the CLAP text encoder's output ``(batch, 1, dim)`` (or
@@ -97,23 +97,12 @@ class AudioLDMDenoiser(MusicDenoiser):
                 f"denoiser.unet: AudioLDM's UNet takes the CLAP embedding as class_embed_type='simple_projection', "
                 f"got class_embed_type={self.unet.config.class_embed_type!r}"
             )
-        self.layer_names = list(layers) if layers is not None else decoder_layers(self.unet)
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
-        self.prediction_type = prediction_type
+        self._setup(layers, prediction_type)
 
     @property
     def noise_schedule(self) -> dict[str, Any]:
         """AudioLDM's scheduler settings (see ``melfusion.pipeline.make_scheduler``)."""
         return {**AUDIOLDM_NOISE_SCHEDULE, "prediction_type": self.prediction_type}
-
-    @property
-    def layers(self) -> list[LayerInfo]:
-        return [layer_info(self.unet, name, self.attention) for name in self.layer_names]
-
-    @property
-    def in_channels(self) -> int:
-        return self.unet.config.in_channels
 
     @property
     def text_dim(self) -> int:

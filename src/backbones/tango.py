@@ -8,16 +8,15 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..interfaces import LayerInfo, MusicDenoiser
 from ..registry import register
-from ..synapse.install import decoder_layers, layer_info
+from .base import UNetDenoiser
 from .loading import load_tango_unet
 
 __all__ = ["TangoDenoiser"]
 
 
 @register("denoiser", "tango")
-class TangoDenoiser(MusicDenoiser):
+class TangoDenoiser(UNetDenoiser):
     """Wraps the music UNet; ``latents`` are ``(batch, C, frames, mel_bins)``.
 
     The synapse is installed on ``layers`` (default: the decoder transformer
@@ -47,19 +46,8 @@ class TangoDenoiser(MusicDenoiser):
         self.unet: UNet2DConditionModel = load_tango_unet(
             unet, "denoiser.unet", weights=weights, device=device, dtype=dtype
         )
-        self.layer_names = list(layers) if layers is not None else decoder_layers(self.unet)
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
-        self.prediction_type = prediction_type
+        self._setup(layers, prediction_type)
         self.beta_schedule = beta_schedule
-
-    @property
-    def layers(self) -> list[LayerInfo]:
-        return [layer_info(self.unet, name, self.attention) for name in self.layer_names]
-
-    @property
-    def in_channels(self) -> int:
-        return self.unet.config.in_channels
 
     def forward(self, latents, timestep, text, text_mask=None, synapse_context=None):
         return self.unet(latents, timestep, encoder_hidden_states=text, encoder_attention_mask=text_mask).sample
