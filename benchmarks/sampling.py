@@ -127,9 +127,6 @@ class _ReleasedWayFeatures:
         step.add(t, records)
         return self.model.synapse.align(step, self.tokens, self.grids).at(t)
 
-    def map(self, fn):
-        raise NotImplementedError
-
 
 def _sync(device):
     if torch.device(device).type == "cuda":

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import SCHEDULERS
+
 __all__ = ["main"]
 
 
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--image-guidance", type=float, default=None, help="separate image guidance scale")
-    g.add_argument("--scheduler", default=None, choices=["ddim", "ddpm", "dpm_solver++"])
+    g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS))
     g.add_argument("--seconds", type=float, default=None, help="audio length in seconds")
     g.add_argument("--num-samples", type=int, default=None, help="samples per prompt")
     g.add_argument("--image-steps", type=int, default=None,

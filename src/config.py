@@ -51,6 +51,7 @@ __all__ = [
     "SamplingConfig",
     "MelFusionConfig",
     "PRESETS",
+    "SCHEDULERS",
 ]
 
 # parameters that the composition supplies itself; a config must not set them
@@ -176,6 +177,9 @@ class SynapseConfig(_Strict):
         return self
 
 
+SCHEDULERS = ("ddim", "ddpm", "dpm_solver++")
+
+
 class SamplingConfig(_Strict):
     """Defaults for ``MelFusion.generate``; each can be overridden per call."""
 
@@ -192,9 +196,8 @@ class SamplingConfig(_Strict):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        known = ("ddim", "ddpm", "dpm_solver++")
-        if value not in known:
-            raise ValueError(f"unknown scheduler {value!r}; known: {', '.join(known)}")
+        if value not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {value!r}; known: {', '.join(SCHEDULERS)}")
         return value
 
 

@@ -23,17 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .backbones.loading import _is_hub_id
 from .backbones.text import check_texts
-from .config import MelFusionConfig
+from .config import SCHEDULERS, MelFusionConfig
 from .images import load_images
 from .synapse.features import FeatureCache, FeatureStore, tensor_digest
 from .synapse.install import SynapseHandle, install
 from .synapse.wiring import Synapse, probe_layers
 
 __all__ = ["MelFusion", "GenerationOutput", "make_scheduler", "noise_schedule", "image_timesteps", "SCHEDULERS"]
-
-
-SCHEDULERS = ("ddim", "ddpm", "dpm_solver++")
 
 
 def make_scheduler(name: str, prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear",
@@ -53,7 +51,7 @@ def make_scheduler(name: str, prediction_type: str = "epsilon", beta_schedule: s
         return DDPMScheduler(**common, clip_sample=False)
     if name == "dpm_solver++":
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++")
-    raise ValueError(f"scheduler: unknown scheduler {name!r}; known: ddim, ddpm, dpm_solver++")
+    raise ValueError(f"scheduler: unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
 
 
 @dataclass
@@ -141,10 +139,9 @@ class MelFusion:
         latent = feature_source.latent_size
         image_layers = probe_layers(fs_unet, image_names, syn.image_attention,
                                     (fs_unet.config.in_channels, latent, latent))
-        frames = int(round(config.sampling.seconds * config.sample_rate / config.hop_length))
-        down = getattr(codec, "downsample", 1)
+        height, width = music_latent_hw(config, codec)
         music_layers = probe_layers(music_unet, music_names, syn.music_attention,
-                                    (music_unet.config.in_channels, frames // down, config.n_mels // down))
+                                    (music_unet.config.in_channels, height, width))
         return Synapse(image_layers, music_layers, mixer=syn.mixer.name, aligner=syn.aligner.name,
                        mixer_params=syn.mixer.params, aligner_params=syn.aligner.params)
 
@@ -231,7 +228,7 @@ class MelFusion:
                 spec = dict(params.get("unet") or {})
                 spec.update({"pretrained": str(folder), "subfolder": index.get("unet", "unet")})
                 params["unet"] = spec
-                parts[part_name] = registry_build("denoiser", part_cfg.name, params, weights=True, **common)
+                parts[part_name] = part_cfg.model_copy(update={"params": params}).build(weights=True, **common)
                 continue
             saved = stored.get(part_name, [])
             part = part_cfg.build(weights=not saved, **common)
@@ -250,9 +247,9 @@ class MelFusion:
             file = folder / (index.get("synapse") or "synapse.safetensors")
             if not file.is_file():
                 raise OSError(f"model: missing weights file {str(file)!r}")
-            load_model(synapse, str(file), device=str(device or "cpu"))
-            if device is not None or dtype is not None:
-                synapse = synapse.to(device=device)
+            load_model(synapse, str(file))
+            if device is not None:  # as from_config: the synapse stays float32, on the model's device
+                synapse = synapse.to(device)
         return cls(config, **parts, synapse=synapse)
 
     # -- helpers --------------------------------------------------------------------
@@ -301,9 +298,7 @@ class MelFusion:
         attend over the music tokens (AudioLDM) have a grid that scales with
         the latent, probed at the config's clip length and rescaled here.
         """
-        cfg = self.config
-        down = getattr(self.codec, "downsample", 1)
-        probe_hw = (int(round(cfg.sampling.seconds * cfg.sample_rate / cfg.hop_length)) // down, cfg.n_mels // down)
+        probe_hw = music_latent_hw(self.config, self.codec)  # where build_synapse probed the grids
         latent_hw = latent_hw or probe_hw
         tokens: list[int] = []
         grids: list[tuple[int, int] | None] = []
@@ -379,12 +374,11 @@ class MelFusion:
         emb = emb.to(device, self.denoiser.unet.dtype)
         cond_emb, cond_mask, null_emb, null_mask = emb[:batch], mask[:batch], emb[batch:], mask[batch:]
 
-        frames = int(round(seconds * self.config.sample_rate / self.config.hop_length))
-        down = getattr(self.codec, "downsample", 1)
-        frames -= frames % (down * 2 ** (len(self.denoiser.unet.config.block_out_channels) - 1))
-        if frames <= 0:
+        height, width = music_latent_hw(self.config, self.codec, seconds)
+        height -= height % 2 ** (len(self.denoiser.unet.config.block_out_channels) - 1)  # the UNet's downsampling
+        if height <= 0:
             raise ValueError(f"seconds: {seconds} s is too short for this model")
-        shape = (batch, self.denoiser.in_channels, frames // down, self.config.n_mels // down)
+        shape = (batch, self.denoiser.in_channels, height, width)
         cache = None
         if use_image:
             images = load_images(image, "image").to(device)
@@ -437,10 +431,12 @@ class MelFusion:
         return GenerationOutput(waveforms=waves, sample_rate=self.sample_rate, mel=mel_np, texts=prompts)
 
 
-def registry_build(kind: str, name: str, params: dict[str, Any], **supplied: Any) -> Any:
-    from .registry import registry
-
-    return registry(kind).build(name, **params, **supplied)
+def music_latent_hw(config: MelFusionConfig, codec: Any, seconds: float | None = None) -> tuple[int, int]:
+    """``(frames, mel bins)`` of the music latent for ``seconds`` (default: the config's clip length)."""
+    seconds = config.sampling.seconds if seconds is None else seconds
+    frames = int(round(seconds * config.sample_rate / config.hop_length))
+    down = getattr(codec, "downsample", 1)
+    return frames // down, config.n_mels // down
 
 
 def _frozen_modules(part: Any) -> dict[str, torch.nn.Module]:
@@ -472,7 +468,7 @@ def _resolve_model_folder(path: str | Path, revision: str | None) -> Path:
     folder = Path(path)
     if folder.is_dir():
         return folder
-    if folder.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
+    if folder.exists() or not _is_hub_id(str(path)):
         raise OSError(f"model: {str(path)!r} is not a folder written by save_pretrained")
     try:
         from huggingface_hub import snapshot_download

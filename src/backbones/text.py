@@ -32,6 +32,18 @@ def check_texts(texts: str | Sequence[str], name: str = "text") -> list[str]:
     return out
 
 
+@torch.no_grad()
+def encode_tokens(tokenizer: Any, model: Any, texts: str | Sequence[str], max_length: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings of ``texts`` (padded to the longest, truncated at ``max_length``) and the bool mask."""
+    texts = check_texts(texts)
+    device = next(model.parameters()).device
+    batch = tokenizer(texts, max_length=max_length, padding=True, truncation=True, return_tensors="pt")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    hidden = model(**batch).last_hidden_state
+    return hidden, batch["attention_mask"].bool()
+
+
 @register("text_encoder", "t5")
 class T5TextEncoder(TextEncoder):
     """A ``T5EncoderModel`` and its tokenizer; ``config="tiny"`` builds a tiny random one (byte tokenizer)."""
@@ -63,15 +75,8 @@ class T5TextEncoder(TextEncoder):
         self.max_length = max_length
         self.dim = self.model.config.d_model
 
-    @torch.no_grad()
     def __call__(self, texts):
-        texts = check_texts(texts)
-        device = next(self.model.parameters()).device
-        batch = self.tokenizer(texts, max_length=self.max_length, padding=True, truncation=True,
-                               return_tensors="pt")
-        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return hidden, mask.bool()
+        return encode_tokens(self.tokenizer, self.model, texts, self.max_length)
 
 
 def packaged_minilm_path() -> str:
@@ -136,14 +141,8 @@ class MiniLMTextEncoder(TextEncoder):
         self.normalize = normalize
         self.dim = self.model.config.hidden_size
 
-    @torch.no_grad()
     def __call__(self, texts):
-        texts = check_texts(texts)
-        device = next(self.model.parameters()).device
-        batch = self.tokenizer(texts, max_length=self.max_length, padding=True, truncation=True,
-                               return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state
+        hidden, mask = encode_tokens(self.tokenizer, self.model, texts, self.max_length)
         if self.normalize:
             hidden = torch.nn.functional.normalize(hidden, dim=-1)
-        return hidden, batch["attention_mask"].bool()
+        return hidden, mask
