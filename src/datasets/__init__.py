@@ -1,5 +1,35 @@
-"""Data: the mel front end (later: triplet manifests, audio/image loading, the synthetic world)."""
+"""Data: triplet manifests (read, validate), audio and image loading, the torch dataset, the mel front end,
+and the synthetic toy world."""
 
+from .audio import check_audio, crop_start, fit_length, load_audio
+from .manifest import (
+    ManifestError,
+    ManifestRows,
+    Triplet,
+    ValidationReport,
+    read_manifest,
+    validate_manifest,
+)
 from .mel import MelFrontEnd
+from .toy import TOY_CLASSES, TOY_STYLES, write_toy_manifest
+from .triplets import TripletDataset, collate_triplets, square_image
 
-__all__ = ["MelFrontEnd"]
+__all__ = [
+    "MelFrontEnd",
+    "Triplet",
+    "ManifestError",
+    "ManifestRows",
+    "ValidationReport",
+    "read_manifest",
+    "validate_manifest",
+    "load_audio",
+    "fit_length",
+    "crop_start",
+    "check_audio",
+    "TripletDataset",
+    "collate_triplets",
+    "square_image",
+    "write_toy_manifest",
+    "TOY_CLASSES",
+    "TOY_STYLES",
+]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import librosa
 import numpy as np
+import torch
 
 __all__ = ["MelFrontEnd"]
 
@@ -35,3 +36,20 @@ class MelFrontEnd:
                                    hop_length=self.hop_length, win_length=self.win_length, center=True))
         mel = self.mel_basis() @ spec
         return np.log(np.maximum(mel, self.log_floor)).T.astype(np.float32)
+
+    def batch(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """``(batch, samples)`` float tensor -> ``(batch, frames, n_mels)`` log-mel, on the input's device.
+
+        The same numbers as :meth:`__call__` (librosa's centred, zero-padded
+        STFT with a periodic Hann window), computed with ``torch.stft`` so a
+        training step can run it on the GPU.
+        """
+        if waveforms.ndim != 2:
+            raise ValueError(f"waveforms: expected (batch, samples), got {tuple(waveforms.shape)}")
+        x = waveforms.float()
+        window = torch.hann_window(self.win_length, periodic=True, device=x.device)
+        spec = torch.stft(x, n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
+                          window=window, center=True, pad_mode="constant", return_complex=True).abs()
+        basis = torch.from_numpy(self.mel_basis()).to(x.device)
+        mel = torch.einsum("mf,bft->btm", basis, spec)
+        return torch.log(mel.clamp_min(self.log_floor))

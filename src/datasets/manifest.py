@@ -1,0 +1,422 @@
+"""Triplet manifests (caption, audio, image): reading JSONL / CSV / folder datasets and validating every row.
+
+Row numbers (``Triplet.row`` and every error message) point at the place a person would look:
+
+- JSONL: the 1-based line number in the file (blank lines are skipped but still counted). A ``.json`` file
+  holding one JSON array instead is numbered by 1-based position in the array.
+- CSV: the 1-based line number in the file, the header being line 1, so the first record is row 2 (a record
+  whose quoted fields span lines is numbered by its first line).
+- folder: the 1-based index of the audio file in sorted file-name order.
+
+``read_manifest`` never stops at a bad row: a line that is not JSON, not an object, or lacks the audio
+field becomes a *problem* (row, reason) carried on the returned :class:`ManifestRows`, and
+``validate_manifest`` reports those together with the rows whose files are missing or broken.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..images import open_image
+from .audio import check_audio
+
+__all__ = [
+    "Triplet",
+    "ManifestError",
+    "ManifestRows",
+    "ValidationReport",
+    "read_manifest",
+    "validate_manifest",
+    "AUDIO_SUFFIXES",
+    "IMAGE_SUFFIXES",
+]
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_COLUMNS = {"caption": "captions", "audio": "location", "image": "img_path"}
+FORMATS = ("jsonl", "csv", "folder")
+POLICIES = ("error", "skip")
+MAX_LISTED = 50
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """One training example. ``row`` is its manifest row number (see the module docstring)."""
+
+    row: int
+    caption: str
+    audio: Path
+    image: Path | None
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read, or (policy="error") that has bad rows; ``bad`` lists them."""
+
+    def __init__(self, message: str, bad: Sequence[tuple[int, str]] = ()):
+        super().__init__(message)
+        self.bad: list[tuple[int, str]] = list(bad)
+
+
+class ManifestRows(list):
+    """The rows of a manifest (a ``list[Triplet]``), plus the rows that could not be parsed.
+
+    ``problems`` holds ``(row, reason)`` for lines that gave no Triplet (not JSON, no audio field, ...);
+    ``source`` is the manifest path.
+    """
+
+    def __init__(self, rows: Iterable[Triplet] = (), problems: Iterable[tuple[int, str]] = (),
+                 source: Path | None = None):
+        super().__init__(rows)
+        self.problems: list[tuple[int, str]] = list(problems)
+        self.source = source
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(path: str | Path, *, format: str | None = None,
+                  columns: dict[str, str] | None = None) -> ManifestRows:
+    """The triplets of a manifest, with paths made absolute against the manifest's folder.
+
+    ``format`` is "jsonl", "csv" or "folder"; None infers it (.jsonl/.json, .csv, a directory).
+    ``columns`` renames the fields (keys "caption", "audio", "image"; defaults captions/location/img_path).
+    Unparseable rows are kept as ``problems`` on the result (see :class:`ManifestRows`), not raised.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"manifest: no such file or folder {str(path)!r}")
+    fmt = _infer_format(path) if format is None else format
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)} or None, got {format!r}")
+    names = _columns(columns, fmt)
+    if fmt == "folder":
+        if not path.is_dir():
+            raise ManifestError(f"manifest: format 'folder' needs a directory, {str(path)!r} is a file")
+        rows, problems = _read_folder(path)
+    else:
+        if path.is_dir():
+            raise ManifestError(f"manifest: format {fmt!r} needs a file, {str(path)!r} is a directory")
+        text = _read_text(path)
+        base = _absolute(path).parent
+        reader = _read_jsonl if fmt == "jsonl" else _read_csv
+        rows, problems = reader(text, base, names, path)
+    return ManifestRows(rows, problems, source=path)
+
+
+def _infer_format(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".csv":
+        return "csv"
+    raise ManifestError(f"manifest: cannot tell the format of {str(path)!r} from its suffix {suffix!r} "
+                        f"(expected .jsonl, .json, .csv or a folder); pass format='jsonl', 'csv' or 'folder'")
+
+
+def _columns(columns: dict[str, str] | None, fmt: str) -> dict[str, str]:
+    if columns is None:
+        return dict(DEFAULT_COLUMNS)
+    if fmt == "folder":
+        raise ValueError("columns: a folder dataset has no columns (name.wav + name.txt + name.png); "
+                         "pass columns only with format 'jsonl' or 'csv'")
+    unknown = sorted(set(columns) - set(DEFAULT_COLUMNS))
+    if unknown:
+        raise ValueError(f"columns: unknown keys {unknown}; expected some of {sorted(DEFAULT_COLUMNS)}")
+    for key, value in columns.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"columns[{key!r}]: expected a non-empty column name, got {value!r}")
+    return {**DEFAULT_COLUMNS, **columns}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest: {str(path)!r} is not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise ManifestError(f"manifest: cannot read {str(path)!r} ({exc})") from None
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def _resolve(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
+
+
+def _triplet(row: int, record: dict, base: Path, names: dict[str, str]) -> tuple[Triplet | None, str | None]:
+    """A Triplet from one parsed record, or the reason it cannot be one (every problem, joined by '; ')."""
+    problems = []
+    caption = record.get(names["caption"])
+    if caption is None:
+        problems.append(f"no caption field {names['caption']!r}")
+    elif not isinstance(caption, str):
+        problems.append(f"caption field {names['caption']!r} is a {type(caption).__name__}, not a string")
+    audio = record.get(names["audio"])
+    if audio is None:
+        problems.append(f"no audio field {names['audio']!r}")
+    elif not isinstance(audio, str):
+        problems.append(f"audio field {names['audio']!r} is a {type(audio).__name__}, not a string")
+    elif not audio.strip():
+        problems.append(f"audio field {names['audio']!r} is empty")
+    image = record.get(names["image"])
+    if image is not None and not isinstance(image, str):
+        problems.append(f"image field {names['image']!r} is a {type(image).__name__}, not a string")
+    if problems:
+        if isinstance(caption, str) and not caption.strip():
+            problems.insert(0, "caption is empty")
+        return None, "; ".join(problems)
+    image_path = _resolve(image.strip(), base) if image and image.strip() else None
+    return Triplet(row, caption, _resolve(audio.strip(), base), image_path), None
+
+
+def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str], problems: list):
+    """Triplets from ``(row, parsed record)`` pairs; rows that are not objects or lack fields go to ``problems``."""
+    rows = []
+    for number, record in numbered:
+        if not isinstance(record, dict):
+            problems.append((number, f"expected a JSON object, got a {type(record).__name__}"))
+            continue
+        triplet, problem = _triplet(number, record, base, names)
+        if triplet is None:
+            problems.append((number, problem))
+        else:
+            rows.append(triplet)
+    return rows, problems
+
+
+def _read_jsonl(text: str, base: Path, names: dict[str, str], path: Path):
+    if text.lstrip().startswith("["):
+        return _read_json_array(text, base, names, path)
+    numbered, problems = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            numbered.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            problems.append((number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+    return _records(numbered, base, names, problems)
+
+
+def _read_json_array(text: str, base: Path, names: dict[str, str], path: Path):
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"manifest: {str(path)!r} starts with '[' but is not valid JSON "
+                            f"({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    return _records(list(enumerate(records, start=1)), base, names, [])
+
+
+def _read_csv(text: str, base: Path, names: dict[str, str], path: Path):
+    lines = text.splitlines(keepends=True)
+    reader = csv.reader(lines)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ManifestError(f"manifest: {str(path)!r} is empty (a CSV manifest needs a header row)") from None
+    except csv.Error as exc:
+        raise ManifestError(f"manifest: cannot parse the header of {str(path)!r} ({exc})") from None
+    header = [h.strip() for h in header]
+    missing = [names[k] for k in ("caption", "audio") if names[k] not in header]
+    if missing:
+        raise ManifestError(f"manifest: {str(path)!r} has no column {' or '.join(map(repr, missing))} "
+                            f"(its header is {header}); pass columns={{'caption': ..., 'audio': ...}}")
+    rows, problems = [], []
+    start = reader.line_num + 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            problems.append((start, f"cannot parse the CSV record ({exc})"))
+            start = reader.line_num + 1
+            continue
+        number, start = start, reader.line_num + 1
+        if not record or all(not cell.strip() for cell in record):
+            continue
+        if len(record) != len(header):
+            problems.append((number, f"has {len(record)} fields, the header has {len(header)}"))
+            continue
+        values = dict(zip(header, record, strict=True))
+        if names["image"] in values and not values[names["image"]].strip():
+            values[names["image"]] = None
+        triplet, problem = _triplet(number, values, base, names)
+        if triplet is None:
+            problems.append((number, problem))
+        else:
+            rows.append(triplet)
+    return rows, problems
+
+
+def _read_folder(folder: Path):
+    """``name.wav`` (or .flac/.ogg/.mp3) + ``name.txt`` + ``name.jpg/.jpeg/.png``, not recursive.
+
+    A folder with no image files at all is an audio-text dataset (every ``image`` is None); otherwise an
+    audio file without its caption or image file is a bad row.
+    """
+    base = _absolute(folder)
+    files = sorted(p for p in base.iterdir() if p.is_file())
+    by_stem: dict[str, dict[str, Path]] = {}
+    for p in files:
+        by_stem.setdefault(p.stem, {})[p.suffix.lower()] = p
+    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in files)
+    audio_files = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+    rows, problems = [], []
+    for number, audio in enumerate(audio_files, start=1):
+        siblings = by_stem[audio.stem]
+        reasons = []
+        caption = None
+        text_file = siblings.get(".txt")
+        if text_file is None:
+            reasons.append(f"no caption file {audio.stem + '.txt'!r} for {audio.name!r}")
+        else:
+            try:
+                caption = text_file.read_text(encoding="utf-8-sig").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reasons.append(f"cannot read caption file {str(text_file)!r} ({exc})")
+        image = next((siblings[s] for s in IMAGE_SUFFIXES if s in siblings), None)
+        if image is None and has_images:
+            reasons.append(f"no image file {audio.stem!r} + .jpg/.jpeg/.png for {audio.name!r}")
+        if reasons:
+            problems.append((number, "; ".join(reasons)))
+        else:
+            rows.append(Triplet(number, caption, audio, image))
+    return rows, problems
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of :func:`validate_manifest`: usable rows and ``(row, reason)`` for the rest, by row."""
+
+    good: list[Triplet]
+    bad: list[tuple[int, str]]
+    source: Path | None = None
+    total: int = field(default=0)
+
+    def summary(self) -> str:
+        where = f"{str(self.source)!r}: " if self.source is not None else ""
+        total = self.total or len(self.good) + len(self.bad)
+        head = f"{where}{len(self.good)} of {total} rows are good, {len(self.bad)} bad"
+        return head if not self.bad else head + ":\n" + _listing(self.bad)
+
+
+def _listing(bad: Sequence[tuple[int, str]], limit: int = MAX_LISTED) -> str:
+    lines = [f"  row {row}: {reason}" for row, reason in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more bad rows")
+    return "\n".join(lines)
+
+
+def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: str = "error",
+                      report: str | Path | None = None, require_image: bool = True, check_audio: bool = True,
+                      check_images: bool = True, progress: bool = False) -> ValidationReport:
+    """Check every row and collect every problem (one ``bad`` entry per row, its problems joined by '; ').
+
+    Checks: empty or whitespace-only caption; audio missing, empty (0 bytes), undecodable, zero-length or
+    with non-finite samples (``check_audio``); image absent (``require_image``), missing or unreadable
+    (``check_images``). Rows ``read_manifest`` could not parse are bad too. A path is read with
+    ``read_manifest``'s defaults; to pass ``format`` or ``columns``, read it first and pass the rows.
+
+    policy="error" raises :class:`ManifestError` listing every bad row (the first 50, then a count);
+    policy="skip" warns with the count and returns the good rows. Either way, ``report`` (a path) gets a
+    JSON file ``{"manifest", "total", "good", "bad": [{"row", "reason", "caption", "audio", "image"}]}``,
+    written atomically.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected 'error' or 'skip', got {policy!r}")
+    if isinstance(path_or_rows, (str, Path)):
+        rows = read_manifest(path_or_rows)
+    elif isinstance(path_or_rows, Sequence):
+        rows = path_or_rows
+    else:
+        raise ValueError(f"path_or_rows: expected a manifest path or a list of Triplets, "
+                         f"got {type(path_or_rows).__name__}")
+    source = getattr(rows, "source", None)
+    bad: list[tuple[int, str]] = list(getattr(rows, "problems", []))
+    good: list[Triplet] = []
+    by_row: dict[int, Triplet] = {}
+    iterator = rows
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(rows, desc="validating", unit="row")
+    for triplet in iterator:
+        if not isinstance(triplet, Triplet):
+            raise ValueError(f"path_or_rows: expected Triplets, got a {type(triplet).__name__}")
+        reasons = _row_problems(triplet, require_image, check_audio, check_images)
+        if reasons:
+            bad.append((triplet.row, "; ".join(reasons)))
+            by_row[triplet.row] = triplet
+        else:
+            good.append(triplet)
+    bad.sort(key=lambda item: item[0])
+    result = ValidationReport(good=good, bad=bad, source=source, total=len(good) + len(bad))
+    if report is not None:
+        _write_report(Path(report), result, by_row)
+    if bad and policy == "error":
+        raise ManifestError(result.summary(), bad)
+    if bad:
+        where = f" in {str(source)!r}" if source is not None else ""
+        saved = f"; see {str(report)!r}" if report is not None else ""
+        warnings.warn(f"skipping {len(bad)} bad rows of {result.total}{where}{saved}", stacklevel=2)
+    return result
+
+
+def _row_problems(t: Triplet, require_image: bool, check_audio_files: bool, check_images: bool) -> list[str]:
+    reasons = []
+    if not t.caption.strip():
+        reasons.append("caption is empty")
+    if check_audio_files:
+        problem = check_audio(t.audio)
+        if problem:
+            reasons.append(f"audio {str(t.audio)!r} {problem}")
+    if t.image is None:
+        if require_image:
+            reasons.append("no image given")
+    elif check_images:
+        try:
+            open_image(t.image, "image")
+        except ValueError as exc:
+            reasons.append(str(exc))
+    return reasons
+
+
+def _write_report(path: Path, result: ValidationReport, by_row: dict[int, Triplet]) -> None:
+    entries = []
+    for row, reason in result.bad:
+        t = by_row.get(row)
+        entries.append({"row": row, "reason": reason,
+                        "caption": t.caption if t else None,
+                        "audio": str(t.audio) if t else None,
+                        "image": str(t.image) if t and t.image else None})
+    payload = {"manifest": str(result.source) if result.source is not None else None,
+               "total": result.total, "good": len(result.good), "bad": entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
