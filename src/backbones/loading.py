@@ -99,7 +99,8 @@ def build_model(
         else:
             model = _from_config(cls, config)
     if dtype is not None or (device is not None and not meta):
-        model = model.to(device=device if not meta else None, dtype=dtype)
+        # nn.Module.to: diffusers' override warns about float32 modules even when no dtype is given
+        model = torch.nn.Module.to(model, device=device if not meta else None, dtype=dtype)
     return model.eval()
 
 
@@ -176,12 +177,14 @@ def fetch_file(
         ) from exc
 
 
-def load_state_dict_file(path: str | os.PathLike, what: str, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, keys starting with ``prefix`` (stripped); other keys are ignored.
+def read_checkpoint(path: str | os.PathLike, what: str) -> Mapping[str, Any]:
+    """The state dict in a checkpoint file, or an ``OSError``/``ValueError`` naming ``what`` and the file.
 
     ``.safetensors`` files are read with safetensors; anything else with
     ``torch.load(path, map_location="cpu", weights_only=True)``, which
-    refuses pickled objects other than tensors and plain containers.
+    refuses pickled objects other than tensors and plain containers. A
+    training checkpoint wrapping its state dict under ``"model"`` (PANNs)
+    or ``"state_dict"`` is unwrapped.
     """
     path = Path(path)
     try:
@@ -199,10 +202,17 @@ def load_state_dict_file(path: str | os.PathLike, what: str, prefix: str = "") -
         ) from exc
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise OSError(f"{what}: could not read {str(path)!r} as a checkpoint ({type(exc).__name__}: {exc})") from exc
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]  # a training checkpoint wrapping the state dict
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
     if not isinstance(state, Mapping):
         raise ValueError(f"{what}: {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_state_dict_file(path: str | os.PathLike, what: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file (see :func:`read_checkpoint`), keys starting with ``prefix`` (stripped)."""
+    state = read_checkpoint(path, what)
     out = {str(k)[len(prefix):]: v for k, v in state.items() if str(k).startswith(prefix)}
     if not out:
         raise ValueError(
@@ -297,7 +307,7 @@ def load_tango_unet(
     if any(t.is_meta for t in unet.buffers()):  # a buffer outside the state dict: build for real instead
         unet = load_weights(UNet2DConditionModel.from_config(config), state, what, repr(str(file)))
     if dtype is not None or device is not None:
-        unet = unet.to(device=device, dtype=dtype)
+        unet = torch.nn.Module.to(unet, device=device, dtype=dtype)
     return unet.eval()
 
 

@@ -1,0 +1,322 @@
+"""``evaluate(generated, reference, metrics=...)``: every metric on two folders of audio, and its CLI shell.
+
+The library function does all the work (listing and pairing files, loading
+embedders, resampling, caching, computing) and returns a JSON-ready dict;
+``add_evaluate_arguments`` / ``run_evaluate`` are the thin ``melfusion
+evaluate`` command on top of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audio import RESAMPLER, file_sha256, list_audio_files, load_audio
+from .cache import EmbeddingCache, cache_key, default_cache_dir
+from .embedders import DEFAULT_CLAP, DEFAULT_CLIP, load_embedder
+from .frechet import fit_frechet_distance_inf, frechet_distance
+from .kl import KL_DIRECTION, KL_VARIANTS, kl_divergence, pair_by_stem
+from .manifest import match_manifest, read_manifest
+from .similarity import IMSM_MODES, clap_score, cosine_similarity, imsm
+
+__all__ = ["METRICS", "evaluate", "embed_files", "format_table", "write_json", "add_evaluate_arguments",
+           "run_evaluate"]
+
+METRICS = ("fad", "fd", "kl", "imsm", "clap")
+_NEEDS_REFERENCE = ("fad", "fd", "kl")
+_NEEDS_MANIFEST = ("imsm", "clap")
+
+
+def parse_metrics(metrics: str | Sequence[str]) -> list[str]:
+    """``"fad,fd"`` or ``["fad", "fd"]`` -> ``["fad", "fd"]`` (known names, no duplicates, in order)."""
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"metrics: expected a comma-separated subset of {','.join(METRICS)}, got "
+                         f"{','.join(names) or '(nothing)'}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return list(dict.fromkeys(names))
+
+
+def embed_files(embedder: Any, files: Sequence[Path], cache: EmbeddingCache | None = None, progress: bool = True,
+                desc: str = "") -> dict[str, list[np.ndarray]]:
+    """Every output of ``embedder`` for each file (resampled to its rate), read from / written to ``cache``.
+
+    A file that cannot be read or embedded is a ``ValueError`` naming it.
+    """
+    from tqdm.auto import tqdm
+
+    identity = embedder.identity()
+    resampling = f"{embedder.sample_rate}Hz:{RESAMPLER}:mono-mean"
+    out: dict[str, list[np.ndarray]] = {name: [] for name in embedder.outputs}
+    for path in tqdm(files, desc=desc or embedder.name, disable=not progress, leave=False, file=sys.stderr):
+        keys = None
+        if cache is not None:
+            digest = file_sha256(path)
+            keys = {name: cache_key(identity, name, resampling, digest) for name in embedder.outputs}
+            found = {name: cache.get(key) for name, key in keys.items()}
+            if all(v is not None for v in found.values()):
+                for name, value in found.items():
+                    out[name].append(value)
+                continue
+        try:
+            waveform = load_audio(path, embedder.sample_rate)
+            values = embedder.embed_outputs(waveform)
+        except ValueError as exc:
+            raise ValueError(f"{str(path)!r}: {exc}") from None
+        for name in embedder.outputs:
+            value = np.asarray(values[name], dtype=np.float32)
+            out[name].append(value)
+            if keys is not None:
+                cache.put(keys[name], value)
+    return out
+
+
+def _embedder(value: Any, name: str, what: str, device: str, **options: Any) -> Any:
+    if value is None:
+        raise ValueError(what)
+    if isinstance(value, (str, os.PathLike)):
+        return load_embedder(name, value, device=device, **options)
+    return value  # an already built embedder
+
+
+def _describe(embedder: Any) -> dict[str, Any]:
+    return {"source": getattr(embedder, "source", None), "identity": embedder.identity(),
+            "sample_rate": getattr(embedder, "sample_rate", None)}
+
+
+def evaluate(
+    generated: str | os.PathLike,
+    reference: str | os.PathLike | None = None,
+    metrics: str | Sequence[str] = ("fad", "fd", "kl"),
+    manifest: str | os.PathLike | None = None,
+    *,
+    vggish: Any = None,
+    panns: Any = None,
+    clap: Any = DEFAULT_CLAP,
+    clip: Any = DEFAULT_CLIP,
+    vggish_pca_params: str | os.PathLike | None = None,
+    vggish_postprocess: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    cache: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    fad_inf: bool = False,
+    fad_inf_sizes: Sequence[int] | None = None,
+    kl_variant: str = "softmax",
+    imsm_mode: str = "paper",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compute ``metrics`` for the audio files in ``generated`` against ``reference``.
+
+    Args:
+        generated: folder of generated audio (searched recursively).
+        reference: folder of reference audio (needed by fad, fd, kl; kl pairs files by stem).
+        metrics: any of ``fad`` (VGGish frames), ``fd`` (PANNs clips), ``kl`` (PANNs
+            logits), ``imsm`` (CLIP + CLAP), ``clap`` (CLAP score), as a list or "a,b".
+        manifest: JSON lines with ``captions``, ``location``, ``img_path`` (for imsm, clap).
+        vggish, panns: weights (file, folder or hub id ``owner/repo[:file]``) or a built embedder.
+        clap, clip: hub id or ``save_pretrained`` folder, or a built embedder.
+        vggish_pca_params, vggish_postprocess: VGGish's PCA + quantisation (off by default).
+        cache_dir: embedding cache folder (default ``$MELFUSION_CACHE`` or
+            ``~/.cache/melfusion/embeddings``); ``cache=False`` turns caching off.
+        fad_inf: also report FAD extrapolated to infinitely many generated frames.
+        kl_variant: ``"softmax"`` or ``"sigmoid"``; imsm_mode: ``"paper"`` or ``"released"``.
+
+    Returns:
+        ``{"metrics": {name: {"value", "n", ...}}, "embedders": {...}, "settings": {...}, ...}``.
+    """
+    names = parse_metrics(metrics)
+    if kl_variant not in KL_VARIANTS:
+        raise ValueError(f"kl_variant: expected one of {KL_VARIANTS}, got {kl_variant!r}")
+    if imsm_mode not in IMSM_MODES:
+        raise ValueError(f"imsm_mode: expected one of {IMSM_MODES}, got {imsm_mode!r}")
+    gen_files = list_audio_files(generated, "generated")
+    needs_ref = [m for m in names if m in _NEEDS_REFERENCE]
+    ref_files: list[Path] = []
+    if needs_ref:
+        if reference is None:
+            raise ValueError(f"reference: the metrics {', '.join(needs_ref)} need a reference directory")
+        ref_files = list_audio_files(reference, "reference")
+    pairs = pair_by_stem(gen_files, ref_files) if "kl" in names else None
+    rows = None
+    needs_manifest = [m for m in names if m in _NEEDS_MANIFEST]
+    if needs_manifest:
+        if manifest is None:
+            raise ValueError(f"manifest: the metrics {', '.join(needs_manifest)} need a manifest (JSON lines with "
+                             "'captions', 'location' and, for imsm, 'img_path')")
+        rows = match_manifest(gen_files, read_manifest(manifest), need_images="imsm" in names)
+
+    store = EmbeddingCache(cache_dir if cache_dir is not None else default_cache_dir()) if cache else None
+    result: dict[str, Any] = {
+        "metrics": {},
+        "embedders": {},
+        "settings": {"kl_variant": kl_variant, "kl_direction": KL_DIRECTION, "imsm_mode": imsm_mode,
+                     "fad_inf": bool(fad_inf), "resampler": RESAMPLER, "vggish_postprocess": bool(vggish_postprocess)},
+        "files": {"generated": len(gen_files), "reference": len(ref_files)},
+        "generated": str(generated),
+        "reference": str(reference) if reference is not None else None,
+        "manifest": str(manifest) if manifest is not None else None,
+        "warnings": [],
+    }
+
+    def _frechet(fn, *args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = fn(*args, **kwargs)
+        for w in caught:
+            result["warnings"].append(str(w.message))
+            warnings.warn(w.message, w.category, stacklevel=3)
+        return value
+
+    if "fad" in names:
+        emb = _embedder(vggish, "vggish", "vggish: FAD needs VGGish weights (torchvggish's vggish-10086976.pth "
+                        "or a .safetensors file): pass vggish=PATH / --vggish PATH", device,
+                        pca_params=vggish_pca_params, postprocess=vggish_postprocess)
+        result["embedders"]["vggish"] = _describe(emb)
+        g = np.concatenate(embed_files(emb, gen_files, store, progress, "vggish generated")["embedding"])
+        r = np.concatenate(embed_files(emb, ref_files, store, progress, "vggish reference")["embedding"])
+        result["metrics"]["fad"] = {"value": _frechet(frechet_distance, g, r), "n": f"{len(g)}/{len(r)} frames",
+                                    "n_generated": len(g), "n_reference": len(r), "embedder": "vggish"}
+        if fad_inf:
+            fit = _frechet(fit_frechet_distance_inf, g, r, sizes=fad_inf_sizes, seed=seed)
+            result["metrics"]["fad_inf"] = {
+                "value": fit.value, "n": f"{len(fit.sizes)} sizes {fit.sizes[0]}..{fit.sizes[-1]}",
+                "slope": fit.slope, "r2": fit.r2, "sizes": fit.sizes, "distances": fit.distances,
+                "embedder": "vggish"}
+
+    if "fd" in names or "kl" in names:
+        emb = _embedder(panns, "panns", "panns: FD and KL need PANNs CNN14 weights (Cnn14_mAP=0.431.pth): "
+                        "pass panns=PATH / --panns PATH", device)
+        result["embedders"]["panns"] = _describe(emb)
+        g_out = embed_files(emb, gen_files, store, progress, "panns generated")
+        r_out = embed_files(emb, ref_files, store, progress, "panns reference")
+        if "fd" in names:
+            g, r = np.concatenate(g_out["embedding"]), np.concatenate(r_out["embedding"])
+            result["metrics"]["fd"] = {"value": _frechet(frechet_distance, g, r), "n": f"{len(g)}/{len(r)} clips",
+                                       "n_generated": len(g), "n_reference": len(r), "embedder": "panns"}
+        if "kl" in names:
+            gen_logits = dict(zip(gen_files, g_out["logits"], strict=True))
+            ref_logits = dict(zip(ref_files, r_out["logits"], strict=True))
+            g = np.concatenate([gen_logits[gp] for _, gp, _ in pairs])
+            r = np.concatenate([ref_logits[rp] for _, _, rp in pairs])
+            result["metrics"]["kl"] = {"value": kl_divergence(g, r, variant=kl_variant), "n": f"{len(pairs)} pairs",
+                                       "pairs": len(pairs), "variant": kl_variant, "direction": KL_DIRECTION,
+                                       "embedder": "panns"}
+
+    if needs_manifest:
+        texts = [row.caption for row in rows]
+        clap_emb = _embedder(clap, "clap", "clap: give a CLAP model (hub id or folder)", device)
+        result["embedders"]["clap"] = _describe(clap_emb)
+        audio = np.concatenate(embed_files(clap_emb, gen_files, store, progress, "clap generated")["embedding"])
+        clap_texts = clap_emb.embed_text(texts)
+        if "clap" in names:
+            result["metrics"]["clap"] = {"value": clap_score(audio, clap_texts), "n": f"{len(audio)} pairs",
+                                         "embedder": "clap"}
+        if "imsm" in names:
+            clip_emb = _embedder(clip, "clip", "clip: give a CLIP model (hub id or folder)", device)
+            result["embedders"]["clip"] = _describe(clip_emb)
+            images = clip_emb.embed_images([row.image for row in rows])
+            image_text = cosine_similarity(images, clip_emb.embed_text(texts))
+            audio_text = cosine_similarity(audio, clap_texts)
+            scales = ({"image_logit_scale": clip_emb.logit_scale, "audio_logit_scale": clap_emb.logit_scale}
+                      if imsm_mode == "released" else {})
+            result["metrics"]["imsm"] = {"value": imsm(image_text, audio_text, mode=imsm_mode, **scales),
+                                         "n": f"{len(rows)} triplets", "mode": imsm_mode, "embedder": "clip+clap",
+                                         **scales}
+
+    if store is not None:
+        result["cache"] = {"dir": str(store.root), "hits": store.hits, "misses": store.misses}
+    return result
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A compact text table: metric, value, n, embedder."""
+    rows = [("metric", "value", "n", "embedder")]
+    for name, m in result["metrics"].items():
+        label = name
+        if name == "kl":
+            label = f"kl ({m['variant']})"
+        elif name == "imsm":
+            label = f"imsm ({m['mode']})"
+        rows.append((label, f"{m['value']:.6g}", str(m.get("n", "")), str(m.get("embedder", ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if "kl" in result["metrics"]:
+        lines.append(f"kl is {result['metrics']['kl']['direction']}, audioldm_eval's formulation")
+    return "\n".join(lines)
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented JSON, atomically (a temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``melfusion evaluate``'s options to ``parser``."""
+    parser.add_argument("--generated", required=True, help="folder of generated audio files")
+    parser.add_argument("--reference", default=None, help="folder of reference audio files (fad, fd, kl)")
+    parser.add_argument("--manifest", default=None,
+                        help="JSON lines with captions, location, img_path (imsm, clap)")
+    parser.add_argument("--metrics", default="fad,fd,kl", help=f"comma-separated subset of {','.join(METRICS)}")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--cache-dir", default=None,
+                        help="embedding cache folder (default $MELFUSION_CACHE or ~/.cache/melfusion/embeddings)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    parser.add_argument("--device", default="cpu", help="torch device for the embedders")
+    parser.add_argument("--vggish", default=None, metavar="PATH_OR_ID",
+                        help="VGGish weights for fad: .pth (torchvggish) or .safetensors, or owner/repo[:file]")
+    parser.add_argument("--vggish-pca", default=None, metavar="PATH",
+                        help="VGGish PCA params (vggish_pca_params-970ea276.pth); implies the PCA postprocessing")
+    parser.add_argument("--panns", default=None, metavar="PATH_OR_ID",
+                        help="PANNs CNN14 weights for fd and kl (Cnn14_mAP=0.431.pth)")
+    parser.add_argument("--clap", default=DEFAULT_CLAP, metavar="PATH_OR_ID", help="CLAP model (imsm, clap)")
+    parser.add_argument("--clip", default=DEFAULT_CLIP, metavar="PATH_OR_ID", help="CLIP model (imsm)")
+    parser.add_argument("--fad-inf", action="store_true", help="also report FAD extrapolated to N -> infinity")
+    parser.add_argument("--kl-variant", choices=KL_VARIANTS, default="softmax",
+                        help="softmax (audioldm_eval's KL, default) or sigmoid (its KL_Sigmoid)")
+    parser.add_argument("--imsm-mode", choices=IMSM_MODES, default="paper",
+                        help="paper: S_IT @ S_AT^T; released: the authors' script (softmaxes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of FAD-inf's subsets")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``evaluate`` from parsed arguments, print the table, write ``--out``; 0 on success.
+
+    Bad input raises ``ValueError`` / ``OSError`` naming the argument or file.
+    """
+    result = evaluate(
+        args.generated, args.reference, metrics=args.metrics, manifest=args.manifest,
+        vggish=args.vggish, panns=args.panns, clap=args.clap, clip=args.clip,
+        vggish_pca_params=args.vggish_pca, vggish_postprocess=args.vggish_pca is not None,
+        cache_dir=args.cache_dir, cache=not args.no_cache, device=args.device, progress=not args.no_progress,
+        fad_inf=args.fad_inf, kl_variant=args.kl_variant, imsm_mode=args.imsm_mode, seed=args.seed,
+    )
+    print(format_table(result))
+    for message in result["warnings"]:
+        print(f"warning: {message}", file=sys.stderr)
+    if args.out:
+        print(f"wrote {write_json(result, args.out)}")
+    return 0
