@@ -1,4 +1,4 @@
-"""``melfusion generate | inspect``: a thin shell over the library (training and evaluation come later)."""
+"""``melfusion generate | train | evaluate | inspect``: a thin shell over the library."""
 
 from __future__ import annotations
 
@@ -78,6 +78,35 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .training import NonFiniteLossError, TrainConfig, Trainer
+
+    config = TrainConfig.load(args.config, **{"data.manifest": args.manifest, "output": args.output,
+                                              "max_steps": args.max_steps})
+    trainer = Trainer(config)
+    main = trainer.accelerator.is_main_process
+    try:
+        result = trainer.train(resume=args.resume or False)
+    except NonFiniteLossError as exc:
+        print(f"melfusion train: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        from .training import latest_checkpoint
+
+        last = latest_checkpoint(trainer.checkpoint_dir)
+        print(f"melfusion train: interrupted at step {trainer.step}; "
+              + (f"continue from {last} with --resume" if last else "no checkpoint was written yet"),
+              file=sys.stderr)
+        return 130
+    if main:
+        skipped = f"; {len(trainer.skipped)} bad rows skipped (see {config.output}/skipped_rows.json)" \
+            if trainer.skipped else ""
+        print(f"trained {result.step} steps on {len(trainer.rows)} rows{skipped}")
+        print(f"model: {result.model_path}   checkpoint: {result.last_checkpoint}")
+        print(f"log: {Path(config.output) / 'train_log.csv'}   plot: {Path(config.output) / 'training.png'}")
+    return 0
+
+
 def _dtype(name: str | None):
     import torch
 
@@ -109,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
     g.add_argument("--spectrogram", default=None, help="spectrogram PNG path (default: OUT with .png)")
     g.set_defaults(func=_generate)
+
+    t = sub.add_parser("train", help="train the synapse (and the music UNet) on image-text-music triplets")
+    t.add_argument("--config", required=True, help="training config (.yaml or .json; see docs/training.md)")
+    t.add_argument("--manifest", default=None, help="data manifest (overrides data.manifest)")
+    t.add_argument("--output", default=None, help="run folder (overrides output)")
+    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides max_steps)")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in the run folder (or the one given)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="FAD, FD, KL, IMSM and CLAP score of generated audio (docs/evaluation.md)")
+    from .metrics.evaluate import add_evaluate_arguments, run_evaluate
+
+    add_evaluate_arguments(e)
+    e.set_defaults(func=run_evaluate)
 
     i = sub.add_parser("inspect", help="print the synapse wiring of a preset (built on the meta device)")
     isrc = i.add_mutually_exclusive_group()

@@ -153,12 +153,14 @@ class StableDiffusionFeatureSource(FeatureSource):
 
     @torch.no_grad()
     def invert(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
-               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+               on_step: Callable[[int], None] | None = None,
+               latents_out: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """DDIM inversion with the empty prompt: clean ``latents`` -> the noisy latent at the largest timestep.
 
         Deterministic (eta 0); computed in float64 between UNet calls.
         ``on_step(t)`` is called after the UNet evaluation at each timestep
-        (in increasing order), e.g. to read captured features.
+        (in increasing order), e.g. to read captured features; ``latents_out``,
+        when given, receives the inverted latent at each timestep.
         """
         ts = self._check_timesteps(timesteps)
         alphas = self.alphas_cumprod.to(latents.device)
@@ -172,6 +174,8 @@ class StableDiffusionFeatureSource(FeatureSource):
             x0 = (x - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
             x = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
             alpha_prev = alphas[t]
+            if latents_out is not None:
+                latents_out[t] = x.to(torch.float32)
         return x
 
     @torch.no_grad()
@@ -196,6 +200,38 @@ class StableDiffusionFeatureSource(FeatureSource):
             a_prev = alphas[prev] if prev is not None else torch.ones((), dtype=torch.float64, device=x.device)
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return x
+
+    def add_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Forward-noise clean ``latents`` to per-sample ``timesteps`` ``(batch,)`` (float64 arithmetic)."""
+        a = self.alphas_cumprod.to(latents.device)[timesteps.long().to(latents.device)].view(-1, 1, 1, 1)
+        x = a.sqrt() * latents.to(torch.float64) + (1 - a).sqrt() * noise.to(latents.device, torch.float64)
+        return x.to(self.dtype)
+
+    @torch.no_grad()
+    def features_at(self, latents: torch.Tensor, timesteps: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One image-UNet pass on noisy ``latents`` at per-sample ``timesteps``: ``{layer: (keys, values)}``.
+
+        This is what training uses: each sample's features come from its own
+        timestep (``latents`` are forward-noised or taken from an inversion
+        trajectory by the caller).
+        """
+        timesteps = torch.as_tensor(timesteps, device=self.device).reshape(-1)
+        if timesteps.numel() not in (1, latents.shape[0]):
+            raise ValueError(f"timesteps: expected 1 or {latents.shape[0]} values, got {timesteps.numel()}")
+        handle = capture(self.unet, self.layer_names, which="attn1")
+        try:
+            self.unet(latents.to(self.device, self.dtype), timesteps, encoder_hidden_states=self._context(latents.shape[0]))
+            return dict(handle.records)
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def inversion_latents(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int]) -> dict[int, torch.Tensor]:
+        """The DDIM-inversion trajectory of clean ``latents``: ``{t: noisy latent at t}`` for each of ``timesteps``."""
+        ts = self._check_timesteps(timesteps)
+        out: dict[int, torch.Tensor] = {}
+        self.invert(latents, ts, latents_out=out)
+        return out
 
     def unet_evaluations(self, steps: int, mode: str = "reverse") -> int:
         """Image-UNet evaluations that :meth:`trajectory` makes for ``steps`` timesteps."""

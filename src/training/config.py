@@ -1,0 +1,154 @@
+"""``TrainConfig``: everything a training run needs, validated by pydantic (unknown keys are errors).
+
+A run is described by one YAML or JSON file (see ``examples/train-tiny.yaml``
+and ``docs/training.md``, which documents every field); the command-line
+flags ``--manifest``, ``--output`` and ``--max-steps`` override its fields.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+from ..config import MelFusionConfig
+
+__all__ = ["TrainConfig", "DataConfig", "OptimConfig", "EMAConfig", "TRAIN_MODES"]
+
+#: what is trained: the mixer only ("the alphas"), the whole synapse (mixer and aligners), or both and the music UNet
+TRAIN_MODES = ("alphas", "synapse", "synapse+unet")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    """Where the triplets come from and how each is cut to the training clip."""
+
+    manifest: str | None = None  # JSON lines, CSV, or a folder of name.wav/name.jpg/name.txt
+    format: Literal["jsonl", "csv", "folder"] | None = None  # None: from the manifest's suffix
+    columns: dict[str, str] | None = None  # {"caption": ..., "audio": ..., "image": ...} for jsonl/csv
+    on_bad_rows: Literal["error", "skip"] = "error"
+    seconds: PositiveFloat | None = None  # clip length; None: the model's sampling.seconds
+    random_crop: bool = True  # longer clips: a random window (deterministic per seed, epoch and row)
+    num_workers: int = Field(0, ge=0)
+
+
+class OptimConfig(_Strict):
+    """AdamW with three parameter groups and a diffusers learning-rate schedule."""
+
+    unet_lr: PositiveFloat = 3e-5  # the music UNet (Tango's fine-tuning rate)
+    synapse_lr: PositiveFloat = 1e-4  # aligners and any other synapse parameters beside the mixer
+    alpha_lr: PositiveFloat = 1e-5  # the mixer's weights (the paper's alpha learning rate)
+    weight_decay: NonNegativeFloat = 1e-2  # applied to the UNet and aligners; never to the alphas
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    max_grad_norm: PositiveFloat | None = 1.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class EMAConfig(_Strict):
+    """An exponential moving average of the trained weights; the final model is saved from it."""
+
+    enabled: bool = False
+    decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    start_step: int = Field(0, ge=0)  # steps before averaging begins (the average copies the weights until then)
+
+
+class TrainConfig(_Strict):
+    """One training run (Algorithm 1 of the paper)."""
+
+    model: MelFusionConfig | str = "tiny"  # a preset name, a model config file, or an inline config
+    init_from: str | None = None  # a save_pretrained folder whose weights (music UNet, synapse) start the run
+    data: DataConfig = Field(default_factory=DataConfig)
+    output: str = "runs/melfusion"
+    mode: Literal["alphas", "synapse", "synapse+unet"] = "synapse+unet"
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the denoiser's own
+    min_snr_gamma: PositiveFloat | None = None  # min-SNR loss weighting; the released code uses 5
+    text_dropout: float = Field(0.1, ge=0.0, le=1.0)  # rows trained with the empty prompt (for guidance)
+    image_dropout: float = Field(0.1, ge=0.0, le=1.0)  # rows trained without image features
+    image_features: Literal["noised", "inverted"] = "noised"
+    inversion_steps: PositiveInt = 50  # the DDIM-inversion grid for image_features="inverted"
+    batch_size: PositiveInt = 4  # per process
+    gradient_accumulation_steps: PositiveInt = 1
+    max_steps: PositiveInt = 1000  # optimizer steps
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    checkpoint_every: PositiveInt = 500
+    keep_last: PositiveInt = 3
+    log_every: PositiveInt = 10
+    tensorboard: bool = True  # when the tensorboard package is installed
+    plot: bool = True  # loss and alphas PNG beside the CSV log
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        model = self.model_config_resolved()
+        if not model.synapse.enabled and self.mode != "synapse+unet":
+            raise ValueError(f"mode: {self.mode!r} trains the synapse, but the model's synapse is disabled")
+        return self
+
+    def model_config_resolved(self) -> MelFusionConfig:
+        """The model config: ``model`` itself, the preset it names, or the file it points to."""
+        if isinstance(self.model, MelFusionConfig):
+            return self.model
+        from ..config import PRESETS
+
+        if self.model in PRESETS:
+            return MelFusionConfig.preset(self.model)
+        path = Path(self.model)
+        if path.suffix in (".yaml", ".yml", ".json"):
+            if not path.is_file():
+                raise ValueError(f"model: no such config file {self.model!r}")
+            return MelFusionConfig.load(path)
+        raise ValueError(f"model: {self.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                         "nor a .yaml/.json model config file")
+
+    # -- files ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read YAML or JSON; ``overrides`` (dotted keys allowed: ``data.manifest``) replace fields first."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no such file {str(path)!r}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config: {str(path)!r} must hold a mapping at the top level")
+        return cls.from_dict(data, **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> TrainConfig:
+        data = dict(data)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            target = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                target = target.setdefault(p, {})
+                if not isinstance(target, dict):
+                    raise ValueError(f"config: {p!r} must be a mapping to override {key!r}")
+            target[leaf] = value
+        return cls.model_validate(data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = self.model_dump(mode="json")
+        path.write_text(yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml")
+                        else json.dumps(data, indent=2))
+        return path
