@@ -199,3 +199,19 @@ def test_clear_errors(world, tmp_path):
         evaluate(broken, world["ref"], metrics="fad", vggish=world["vggish"], cache=False, progress=False)
     with pytest.raises(OSError, match="vggish: no such file or folder"):
         evaluate(world["gen"], world["ref"], metrics="fad", vggish=str(tmp_path / "missing.pth"), cache=False)
+
+
+def test_melfusion_evaluate_command(world, tmp_path, capsys):
+    from melfusion.cli import main
+
+    out = tmp_path / "r.json"
+    code = main(["evaluate", "--generated", str(world["gen"]), "--reference", str(world["ref"]), "--metrics", "fd,kl",
+                 "--panns", str(world["panns"]), "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                 "--no-progress"])
+    assert code == 0
+    assert set(json.loads(out.read_text())["metrics"]) == {"fd", "kl"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["evaluate", "--generated", str(empty), "--reference", str(world["ref"]), "--metrics", "fd",
+                 "--panns", str(world["panns"]), "--no-progress"]) == 2
+    assert "no audio files" in capsys.readouterr().err

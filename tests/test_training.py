@@ -372,3 +372,14 @@ def test_cli_train_and_resume(toy, tmp_path, capsys):
     assert main(["train", "--config", str(example), "--manifest", str(tmp_path / "none.jsonl"),
                  "--output", str(tmp_path / "x")]) == 2
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_every_config_field_is_documented():
+    from melfusion.training import DataConfig, EMAConfig, OptimConfig
+
+    doc = (REPO / "docs" / "training.md").read_text()
+    names = [f"`{n}`" for n in TrainConfig.model_fields]
+    names += [f"`{prefix}.{n}`" for prefix, cls in (("data", DataConfig), ("optim", OptimConfig), ("ema", EMAConfig))
+              for n in cls.model_fields]
+    missing = [n for n in names if n not in doc]
+    assert not missing, f"docs/training.md does not document {missing}"

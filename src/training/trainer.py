@@ -224,7 +224,6 @@ class Trainer:
         self.wrapped, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.ema = EMA(self._trained(), config.ema.decay, config.ema.start_step) if config.ema.enabled else None
         self.step = 0
-        self._inversion_dir = self.output / "cache" / "inversion"
 
     # -- set-up -----------------------------------------------------------------------------
     def _freeze_and_select(self) -> None:
@@ -339,33 +338,45 @@ class Trainer:
         images = images.to(self.device)
         with torch.no_grad():
             if self.config.image_features == "noised":
-                z = fs.encode(images)
+                z = torch.cat([self._cached("latents", images[i:i + 1]) for i in range(images.shape[0])])
+                z = z.to(self.device, fs.dtype)
                 noise = torch.randn(z.shape, generator=gen, dtype=torch.float32)
                 x = fs.add_noise(z, timesteps, noise)
                 return fs.features_at(x, timesteps)
             grid = self.inversion_grid
             index = (grid[None, :] - timesteps.cpu()[:, None]).abs().argmin(dim=1)
             t_grid = grid[index]
-            x = torch.stack([self._inverted(images[i:i + 1])[int(index[i])] for i in range(images.shape[0])])
+            x = torch.stack([self._cached("inversion", images[i:i + 1])[int(index[i])]
+                             for i in range(images.shape[0])])
             return fs.features_at(x.to(self.device), t_grid.to(self.device))
 
-    def _inverted(self, image: torch.Tensor) -> torch.Tensor:
-        """``(grid, C, h, w)`` DDIM-inversion trajectory of one image, cached on disk by its content."""
+    def _cached(self, kind: str, image: torch.Tensor) -> torch.Tensor:
+        """The frozen image LDM's view of one image, cached on disk under its content digest.
+
+        ``latents``: the VAE latent ``(1, C, h, w)`` (deterministic: the
+        posterior mode). ``inversion``: the DDIM-inversion trajectory
+        ``(grid, C, h, w)`` over ``inversion_grid``. A corrupt entry is
+        recomputed.
+        """
         from safetensors.torch import load_file, save_file
 
         fs = self.model.feature_source
-        key = hashlib.sha256(f"{tensor_digest(image)}|{self.inversion_grid.tolist()}|{id(type(fs))}".encode()
+        grid = self.inversion_grid.tolist() if kind == "inversion" else []
+        key = hashlib.sha256(f"{tensor_digest(image)}|{kind}|{grid}|{fs.resolution}|{fs.dtype}".encode()
                              ).hexdigest()[:32]
-        path = self._inversion_dir / f"{key}.safetensors"
+        path = self.output / "cache" / kind / f"{key}.safetensors"
         if path.is_file():
             try:
                 return load_file(str(path))["latents"]
-            except Exception:  # a corrupt cache entry is recomputed
+            except Exception:
                 path.unlink(missing_ok=True)
-        traj = fs.inversion_latents(fs.encode(image), self.inversion_grid.tolist())
-        latents = torch.cat([traj[int(t)] for t in self.inversion_grid], dim=0).float().cpu()
+        z = fs.encode(image)
+        if kind == "inversion":
+            traj = fs.inversion_latents(z, grid)
+            z = torch.cat([traj[int(t)] for t in grid], dim=0)
+        latents = z.float().cpu().contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{id(latents)}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({"latents": latents}, str(tmp))
         tmp.replace(path)
         return latents
@@ -434,31 +445,7 @@ class Trainer:
         try:
             while self.step < max_steps:
                 start = time.perf_counter()
-                total = torch.zeros((), device=self.device)
-                for micro in range(c.gradient_accumulation_steps):
-                    batch = next(loader)
-                    last = micro == c.gradient_accumulation_steps - 1
-                    with contextlib.nullcontext() if last else acc.no_sync(self.wrapped):
-                        loss = self._micro_loss(batch, self.step, micro) / c.gradient_accumulation_steps
-                        acc.backward(loss)
-                    total += loss.detach()
-                mean_loss = float(acc.reduce(total, reduction="mean"))
-                if not math.isfinite(mean_loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    where = f"; the last good checkpoint is {str(last_ckpt)!r}" if last_ckpt else ""
-                    raise NonFiniteLossError(
-                        f"training: the loss is {mean_loss} at step {self.step + 1}{where}. Lower the learning "
-                        "rates (optim.*_lr), try mixed_precision: bf16 instead of fp16, or check the data.")
-                grad_norm = None
-                if c.optim.max_grad_norm is not None:
-                    grad_norm = float(acc.clip_grad_norm_(list(trained.values()), c.optim.max_grad_norm))
-                self.optimizer.step()
-                if not acc.optimizer_step_was_skipped:
-                    self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                if self.ema is not None:
-                    self.ema.update(trained, self.step)
+                mean_loss, grad_norm = self.optimizer_step(loader, trained, last_ckpt)
                 losses.append(mean_loss)
                 elapsed = time.perf_counter() - start
                 bar.update(1)
@@ -476,6 +463,37 @@ class Trainer:
         acc.wait_for_everyone()
         return TrainResult(step=self.step, output=self.output, model_path=model_path, last_checkpoint=last_ckpt,
                            losses=losses)
+
+    def optimizer_step(self, loader: Iterator[dict], trained: dict[str, torch.Tensor],
+                       last_checkpoint: Path | None = None) -> tuple[float, float | None]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches: ``(mean loss, grad norm)``."""
+        c, acc = self.config, self.accelerator
+        total = torch.zeros((), device=self.device)
+        for micro in range(c.gradient_accumulation_steps):
+            batch = next(loader)
+            last = micro == c.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.wrapped):
+                loss = self._micro_loss(batch, self.step, micro) / c.gradient_accumulation_steps
+                acc.backward(loss)
+            total += loss.detach()
+        mean_loss = float(acc.reduce(total, reduction="mean"))  # the same on every process
+        if not math.isfinite(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = f"; the last good checkpoint is {str(last_checkpoint)!r}" if last_checkpoint else ""
+            raise NonFiniteLossError(
+                f"training: the loss is {mean_loss} at step {self.step + 1}{where}. Lower the learning "
+                "rates (optim.*_lr), try mixed_precision: bf16 instead of fp16, or check the data.")
+        grad_norm = None
+        if c.optim.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(list(trained.values()), c.optim.max_grad_norm))
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(trained, self.step)
+        return mean_loss, grad_norm
 
     def _lrs(self) -> dict[str, float]:
         return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
