@@ -383,3 +383,17 @@ def test_every_config_field_is_documented():
               for n in cls.model_fields]
     missing = [n for n in names if n not in doc]
     assert not missing, f"docs/training.md does not document {missing}"
+
+
+def test_data_workers_do_not_change_the_run(toy, tmp_path):
+    a = Trainer(make_config(toy, tmp_path / "a", max_steps=2)).train()
+    b = Trainer(make_config(toy, tmp_path / "b", max_steps=2, data={"num_workers": 1})).train()
+    assert a.losses == pytest.approx(b.losses, abs=1e-6)
+
+
+def test_init_from_starts_from_a_saved_model(toy, tmp_path):
+    first = Trainer(make_config(toy, tmp_path / "a", max_steps=2))
+    result = first.train()
+    second = Trainer(make_config(toy, tmp_path / "b", max_steps=2, init_from=str(result.model_path)))
+    for k, v in first._trained().items():
+        torch.testing.assert_close(second._trained()[k], v.detach())

@@ -362,7 +362,8 @@ class Trainer:
 
         fs = self.model.feature_source
         grid = self.inversion_grid.tolist() if kind == "inversion" else []
-        key = hashlib.sha256(f"{tensor_digest(image)}|{kind}|{grid}|{fs.resolution}|{fs.dtype}".encode()
+        source = self.model.config.feature_source.model_dump_json()  # another image model: other entries
+        key = hashlib.sha256(f"{tensor_digest(image)}|{kind}|{grid}|{source}|{fs.resolution}|{fs.dtype}".encode()
                              ).hexdigest()[:32]
         path = self.output / "cache" / kind / f"{key}.safetensors"
         if path.is_file():
