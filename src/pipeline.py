@@ -314,6 +314,17 @@ class MelFusion:
             grids.append(hw)
         return tokens, grids
 
+    def latent_hw(self, seconds: float, name: str = "seconds") -> tuple[int, int]:
+        """``(frames, bins)`` of the music latent for ``seconds``, frames cut to a multiple the UNet can halve.
+
+        A ``ValueError`` naming ``name`` when the clip is too short for one.
+        """
+        height, width = music_latent_hw(self.config, self.codec, seconds)
+        height -= height % 2 ** (len(self.denoiser.unet.config.block_out_channels) - 1)  # the UNet's downsampling
+        if height <= 0:
+            raise ValueError(f"{name}: {seconds} s is too short for this model")
+        return height, width
+
     def _feature_key(self, images: torch.Tensor, timesteps: tuple[int, ...], tokens: tuple, mode: str) -> tuple:
         fs = self.feature_source
         # learned aligners change in place while training: their parameter versions are part of the key
@@ -374,10 +385,7 @@ class MelFusion:
         emb = emb.to(device, self.denoiser.unet.dtype)
         cond_emb, cond_mask, null_emb, null_mask = emb[:batch], mask[:batch], emb[batch:], mask[batch:]
 
-        height, width = music_latent_hw(self.config, self.codec, seconds)
-        height -= height % 2 ** (len(self.denoiser.unet.config.block_out_channels) - 1)  # the UNet's downsampling
-        if height <= 0:
-            raise ValueError(f"seconds: {seconds} s is too short for this model")
+        height, width = self.latent_hw(seconds)
         shape = (batch, self.denoiser.in_channels, height, width)
         cache = None
         if use_image:

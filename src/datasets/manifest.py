@@ -18,13 +18,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import write_atomic
 from ..images import open_image
 from .audio import check_audio
 
@@ -183,7 +183,8 @@ def _triplet(row: int, record: dict, base: Path, names: dict[str, str]) -> tuple
 
 
 def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str], problems: list):
-    """Triplets from ``(row, parsed record)`` pairs; rows that are not objects or lack fields go to ``problems``."""
+    """Triplets from ``(row, parsed record)`` pairs (JSON objects, CSV rows as dicts); rows that are not
+    objects or lack fields go to ``problems``."""
     rows = []
     for number, record in numbered:
         if not isinstance(record, dict):
@@ -234,7 +235,7 @@ def _read_csv(text: str, base: Path, names: dict[str, str], path: Path):
     if missing:
         raise ManifestError(f"manifest: {str(path)!r} has no column {' or '.join(map(repr, missing))} "
                             f"(its header is {header}); pass columns={{'caption': ..., 'audio': ...}}")
-    rows, problems = [], []
+    numbered, problems = [], []
     start = reader.line_num + 1
     while True:
         try:
@@ -254,12 +255,8 @@ def _read_csv(text: str, base: Path, names: dict[str, str], path: Path):
         values = dict(zip(header, record, strict=True))
         if names["image"] in values and not values[names["image"]].strip():
             values[names["image"]] = None
-        triplet, problem = _triplet(number, values, base, names)
-        if triplet is None:
-            problems.append((number, problem))
-        else:
-            rows.append(triplet)
-    return rows, problems
+        numbered.append((number, values))
+    return _records(numbered, base, names, problems)
 
 
 def _read_folder(folder: Path):
@@ -408,15 +405,4 @@ def _write_report(path: Path, result: ValidationReport, by_row: dict[int, Triple
                         "image": str(t.image) if t and t.image else None})
     payload = {"manifest": str(result.source) if result.source is not None else None,
                "total": result.total, "good": len(result.good), "bad": entries}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n", fsync=True)

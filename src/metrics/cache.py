@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..files import atomic_path
 
 __all__ = ["CACHE_ENV", "default_cache_dir", "cache_key", "EmbeddingCache"]
 
@@ -69,15 +70,8 @@ class EmbeddingCache:
     def put(self, key: str, value: np.ndarray) -> None:
         path = self.path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}-", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, np.ascontiguousarray(value), allow_pickle=False)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(value), allow_pickle=False)
         except OSError as exc:  # a read-only or full cache must not stop an evaluation
             import warnings
 

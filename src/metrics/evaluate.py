@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import write_atomic
 from .audio import RESAMPLER, file_sha256, list_audio_files, load_audio
 from .cache import EmbeddingCache, cache_key, default_cache_dir
 from .embedders import DEFAULT_CLAP, DEFAULT_CLIP, load_embedder
@@ -259,18 +259,7 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 def write_json(data: Any, path: str | os.PathLike) -> Path:
     """Write ``data`` as indented JSON, atomically (a temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:

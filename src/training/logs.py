@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import os
 from pathlib import Path
+
+from ..files import write_atomic
 
 __all__ = ["TrainingLog", "plot_training_log"]
 
@@ -40,7 +41,7 @@ class TrainingLog:
             rows = list(csv.DictReader(f))
         fields = list(rows[0].keys()) if rows else []
         kept = [r for r in rows if int(float(r["step"])) <= step]
-        _atomic_write(self.path, _csv_text(fields, kept) if kept else "")
+        write_atomic(self.path, _csv_text(fields, kept) if kept else "")
 
     def write(self, step: int, loss: float, lrs: dict[str, float], alphas: list[float],
               samples_per_s: float, grad_norm: float | None) -> None:
@@ -120,7 +121,7 @@ def plot_training_log(csv_path: str | Path, png_path: str | Path) -> Path | None
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     png_path = Path(png_path)
-    _atomic_write(png_path, buffer.getvalue())
+    write_atomic(png_path, buffer.getvalue())
     return png_path
 
 
@@ -131,11 +132,3 @@ def _csv_text(fields: list[str], rows: list[dict]) -> str:
     writer.writerows(rows)
     return out.getvalue()
 
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)

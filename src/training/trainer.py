@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..pipeline import MelFusion, make_scheduler, music_latent_hw, noise_schedule
+from ..files import atomic_path
+from ..pipeline import MelFusion, _frozen_modules, make_scheduler, noise_schedule
 from ..synapse.features import FeatureCache, tensor_digest
 from .checkpoints import (
     latest_checkpoint,
@@ -224,12 +225,15 @@ class Trainer:
         self.wrapped, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.ema = EMA(self._trained(), config.ema.decay, config.ema.start_step) if config.ema.enabled else None
         self.step = 0
+        fs = model.feature_source  # cached image latents belong to this image model, resolution and dtype
+        self._image_model_tag = (f"{model.config.feature_source.model_dump_json()}|{getattr(fs, 'resolution', None)}"
+                                 f"|{getattr(fs, 'dtype', None)}")
 
     # -- set-up -----------------------------------------------------------------------------
     def _freeze_and_select(self) -> None:
         m, mode = self.model, self.config.mode
         for part in (m.feature_source, m.text_encoder, m.codec, m.vocoder):
-            for module in _modules_of(part):
+            for module in _frozen_modules(part).values():
                 module.requires_grad_(False).eval()
                 if self.frozen_dtype != torch.float32 and self.device.type != "cpu":
                     module.to(dtype=self.frozen_dtype)
@@ -271,22 +275,17 @@ class Trainer:
         if c.prediction_type is not None:
             schedule["prediction_type"] = c.prediction_type
         self.prediction_type = schedule["prediction_type"]
-        self.scheduler = make_scheduler("ddpm", **schedule)
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float64)
+        self.alphas_cumprod = make_scheduler("ddpm", **schedule).alphas_cumprod.to(self.device, torch.float64)
         seconds = c.data.seconds or m.config.sampling.seconds
-        height, width = music_latent_hw(m.config, m.codec, seconds)
-        height -= height % 2 ** (len(m.denoiser.unet.config.block_out_channels) - 1)
-        if height <= 0:
-            raise ValueError(f"data.seconds: {seconds} s is too short for this model")
-        down = getattr(m.codec, "downsample", 1)
-        self.mel_frames = height * down
+        height, _ = m.latent_hw(seconds, "data.seconds")
+        self.mel_frames = height * getattr(m.codec, "downsample", 1)
         self.seconds = seconds
         from ..datasets.mel import MelFrontEnd
 
         self.front_end = MelFrontEnd(sample_rate=m.config.sample_rate, hop_length=m.config.hop_length,
                                      n_mels=m.config.n_mels)
         if m.synapse is not None and c.image_features == "inverted":
-            grid = make_scheduler("ddim", **noise_schedule(m.denoiser))
+            grid = make_scheduler("ddim", **schedule)
             grid.set_timesteps(c.inversion_steps)
             self.inversion_grid = torch.tensor(sorted(int(t) for t in grid.timesteps), dtype=torch.long)
 
@@ -328,7 +327,8 @@ class Trainer:
             pad = mel.new_full((mel.shape[0], self.mel_frames - frames, mel.shape[2]), math.log(self.front_end.log_floor))
             mel = torch.cat([mel, pad], dim=1)
         codec = self.model.codec
-        dtype = next(iter(_parameters(codec)), torch.empty(0, dtype=torch.float32)).dtype
+        params = [p for module in _frozen_modules(codec).values() for p in module.parameters()]
+        dtype = params[0].dtype if params else torch.float32
         with torch.no_grad():
             return codec.encode(mel[:, None].to(dtype)).float()
 
@@ -362,9 +362,7 @@ class Trainer:
 
         fs = self.model.feature_source
         grid = self.inversion_grid.tolist() if kind == "inversion" else []
-        source = self.model.config.feature_source.model_dump_json()  # another image model: other entries
-        key = hashlib.sha256(f"{tensor_digest(image)}|{kind}|{grid}|{source}|{fs.resolution}|{fs.dtype}".encode()
-                             ).hexdigest()[:32]
+        key = hashlib.sha256(f"{tensor_digest(image)}|{kind}|{grid}|{self._image_model_tag}".encode()).hexdigest()[:32]
         path = self.output / "cache" / kind / f"{key}.safetensors"
         if path.is_file():
             try:
@@ -376,10 +374,8 @@ class Trainer:
             traj = fs.inversion_latents(z, grid)
             z = torch.cat([traj[int(t)] for t in grid], dim=0)
         latents = z.float().cpu().contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"latents": latents}, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"latents": latents}, str(tmp))
         return latents
 
     def _micro_loss(self, batch: dict, step: int, micro: int) -> torch.Tensor:
@@ -578,18 +574,6 @@ class Trainer:
         with self.ema.swapped_into(self._trained()):
             return self.model.save_pretrained(path)
 
-
-def _modules_of(part: Any) -> list[nn.Module]:
-    if part is None:
-        return []
-    if isinstance(part, nn.Module):
-        return [part]
-    return [v for v in vars(part).values() if isinstance(v, nn.Module)]
-
-
-def _parameters(part: Any) -> Iterator[torch.Tensor]:
-    for module in _modules_of(part):
-        yield from module.parameters()
 
 
 def train(config: TrainConfig | str | Path, *, manifest: str | None = None, output: str | None = None,
