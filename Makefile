@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml constraints-dev.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/melfusion generate --image examples/images/sunset.png \
-		--text "a calm piano melody at sunset" --out $(OUT)/demo.wav --spectrogram $(OUT)/demo.png
+	$(VENV)/bin/melfusion generate --image examples/images/blue-bright.png \
+		--text "a calm flute melody" --out $(OUT)/demo.wav --spectrogram $(OUT)/demo.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2
@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks scripts
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .hypothesis

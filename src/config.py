@@ -373,4 +373,63 @@ def _audioldm() -> dict[str, Any]:
     return data
 
 
-PRESETS = {"tiny": _tiny, "paper": _paper, "reference": _reference, "audioldm": _audioldm}
+def _mini() -> dict[str, Any]:
+    # the embedded default's architecture (trained weights: melfusion/weights/mini, see docs/mini.md). Image
+    # LDM: 64 px pictures -> 16x16x4 latents; music UNet: 2.56 s of 64-band mel at a 320-sample hop (128 frames)
+    # directly (identity codec), attention only at the two coarsest levels (512 and 128 tokens). The tapped layers match in width and heads pairwise:
+    # image decoder layers and music decoder layers all have 64 channels in 8 heads
+    image_unet = {
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": 8,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "sample_size": 16,
+    }
+    image_vae = {  # 64 px -> 16x16x4; wide enough groups that the normalisations keep colour information
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [32, 64, 64],
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "layers_per_block": 1,
+        "sample_size": 64,
+    }
+    music_unet = {
+        "block_out_channels": [16, 32, 64, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "attention_head_dim": 8,
+        "cross_attention_dim": 384,
+        "norm_num_groups": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "sample_size": [128, 64],
+    }
+    return {
+        "name": "mini",
+        "feature_source": {
+            "name": "stable_diffusion",
+            "params": {"unet": {"config": image_unet}, "vae": {"config": image_vae}, "resolution": 64,
+                       "null_text_tokens": 1},
+        },
+        "denoiser": {"name": "tango", "params": {"unet": {"config": music_unet}}},
+        "text_encoder": {"name": "minilm", "params": {"max_length": 32}},
+        # the synthetic world's log-mels have mean -5.9 and spread 1.8: standardise them for the diffusion
+        "codec": {"name": "identity", "params": {"shift": -6.0, "scale": 2.0}},
+        "vocoder": {"name": "griffin_lim", "params": {"n_iter": 32, "hop_length": 320}},
+        "synapse": {"mixer": {"name": "convex", "params": {"init": 0.5}}, "aligner": {"name": "pool"},
+                    "image_trajectory": "reverse"},
+        "sampling": {"num_inference_steps": 25, "guidance_scale": 3.0, "seconds": 2.56},
+        "hop_length": 320,  # 50 mel frames a second: 128 frames for 2.56 s
+    }
+
+
+PRESETS = {"tiny": _tiny, "mini": _mini, "paper": _paper, "reference": _reference, "audioldm": _audioldm}

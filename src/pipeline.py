@@ -206,7 +206,8 @@ class MelFusion:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: Any = None, dtype: torch.dtype | None = None,
                         revision: str | None = None) -> MelFusion:
-        """Load a model written by :meth:`save_pretrained` (a local folder, or a hub id when online)."""
+        """Load a model written by :meth:`save_pretrained`: a local folder, the name of a model shipped in the
+        package (``"mini"``, the embedded default; a local folder of that name wins), or a hub id when online."""
         import copy
         import json
 
@@ -472,10 +473,27 @@ def _has_weights_reference(config: MelFusionConfig, part_name: str, attr: str, p
     return bool(params.get("pretrained"))
 
 
+#: models that ship inside the package, by name: ``MelFusion.from_pretrained("mini")``
+SHIPPED_MODELS = {"mini": "weights/mini"}
+
+
+def shipped_model_path(name: str = "mini") -> Path:
+    """The folder of a model that ships inside the package (see :data:`SHIPPED_MODELS`)."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"name: unknown shipped model {name!r}; shipped: {', '.join(sorted(SHIPPED_MODELS))}")
+    folder = Path(__file__).resolve().parent / SHIPPED_MODELS[name]
+    if not (folder / MelFusion.INDEX_NAME).is_file():
+        raise OSError(f"model: the shipped {name!r} weights are missing from this install ({str(folder)!r}); "
+                      f"train them with `python scripts/train_mini.py --install`")
+    return folder
+
+
 def _resolve_model_folder(path: str | Path, revision: str | None) -> Path:
     folder = Path(path)
     if folder.is_dir():
         return folder
+    if str(path) in SHIPPED_MODELS and not folder.exists():
+        return shipped_model_path(str(path))
     if folder.exists() or not _is_hub_id(str(path)):
         raise OSError(f"model: {str(path)!r} is not a folder written by save_pretrained")
     try:

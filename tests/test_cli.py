@@ -34,9 +34,9 @@ def test_generate_writes_wav_and_png(tmp_path):
     out = tmp_path / "song.wav"
     proc = subprocess.run(
         [sys.executable, "-m", "melfusion.cli", "generate", "--image", str(root / "examples/images/sunset.png"),
-         "--text", "calm piano", "--out", str(out), "--steps", "2"],
+         "--text", "calm piano", "--out", str(out), "--steps", "2", "--preset", "tiny"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 1000 and out.with_suffix(".png").stat().st_size > 100
-    assert "random weights" in proc.stderr
+    assert "random" in proc.stderr  # a preset builds from its config: the note says so

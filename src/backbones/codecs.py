@@ -14,19 +14,34 @@ __all__ = ["IdentityCodec", "AudioLDMVAECodec"]
 
 @register("codec", "identity")
 class IdentityCodec(LatentCodec):
-    """The mel spectrogram ``(batch, 1, frames, mels)`` is the latent."""
+    """The mel spectrogram ``(batch, 1, frames, mels)`` is the latent, optionally standardised.
+
+    ``latent = (mel - shift) / scale``. Log-mel values sit far from zero (around -6 for quiet music), and a
+    diffusion model trained on data with a large mean cannot correct the mean when sampling starts from
+    zero-mean noise (the schedule's terminal signal is not zero), so a model trained from scratch on mels
+    should set ``shift``/``scale`` to its data's mean and spread (the ``mini`` preset: -6 and 2).
+    """
 
     latent_channels = 1
     downsample = 1
 
-    def __init__(self, weights: bool = True, device: Any = None, dtype: Any = None):
+    def __init__(self, shift: float = 0.0, scale: float = 1.0, weights: bool = True, device: Any = None,
+                 dtype: Any = None):
         super().__init__()  # no weights: the build arguments shared by all parts are accepted and unused
+        if not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"scale: expected a positive number, got {scale!r}")
+        self.shift = float(shift)
+        self.scale = float(scale)
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        return mel
+        if self.shift == 0.0 and self.scale == 1.0:
+            return mel
+        return (mel - self.shift) / self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
+        if self.shift == 0.0 and self.scale == 1.0:
+            return latents
+        return latents * self.scale + self.shift
 
 
 @register("codec", "audioldm_vae")

@@ -11,6 +11,7 @@ from .manifest import (
     validate_manifest,
 )
 from .mel import MelFrontEnd
+from .synthetic import read_attributes, write_synthetic_manifest
 from .toy import TOY_CLASSES, TOY_STYLES, write_toy_manifest
 from .triplets import TripletDataset, collate_triplets, square_image
 
@@ -30,6 +31,8 @@ __all__ = [
     "collate_triplets",
     "square_image",
     "write_toy_manifest",
+    "write_synthetic_manifest",
+    "read_attributes",
     "TOY_CLASSES",
     "TOY_STYLES",
 ]

@@ -199,7 +199,11 @@ class BaseMixer(SynapseMixer):
 
 @register("mixer", "convex")
 class ConvexMixer(BaseMixer):
-    """One weight per layer, ``K <- a_l K_img + (1 - a_l) K_music``, ``a_l`` in [0, 1] (the paper)."""
+    """One weight per layer, ``K <- a_l K_img + (1 - a_l) K_music``, ``a_l`` in [0, 1] (the paper).
+
+    ``shared=True`` keeps one weight for all layers (the "same alpha for every block" row of the
+    paper's Table 2); ``alphas()`` still has one entry per layer.
+    """
 
     def __init__(
         self,
@@ -207,17 +211,19 @@ class ConvexMixer(BaseMixer):
         num_heads: int | Sequence[int] | None = None,
         head_dim: int | None = None,
         init: float = 0.5,
+        shared: bool = False,
         **unused,
     ):
         super().__init__(num_layers, num_heads, head_dim)
         _check_unit("init", init)
-        self.alpha = nn.Parameter(torch.full((num_layers,), float(init)))
+        self.shared = bool(shared)
+        self.alpha = nn.Parameter(torch.full((1 if self.shared else num_layers,), float(init)))
 
     def weight(self, layer, music, image, timestep):
-        return straight_through_clamp(self.alpha[layer])
+        return straight_through_clamp(self.alpha[0 if self.shared else layer])
 
     def raw_alphas(self):
-        return self.alpha
+        return self.alpha.expand(self.num_layers) if self.shared else self.alpha
 
     def _projected_parameters(self):
         return [self.alpha]

@@ -3,6 +3,7 @@
 from .checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TRAIN_MODES, DataConfig, EMAConfig, OptimConfig, TrainConfig
 from .logs import TrainingLog, plot_training_log
+from .mini import MiniRecipe, train_mini
 from .trainer import NonFiniteLossError, Trainer, TrainResult, train
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "TrainResult",
     "NonFiniteLossError",
     "train",
+    "MiniRecipe",
+    "train_mini",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",

@@ -338,7 +338,7 @@ class Trainer:
         images = images.to(self.device)
         with torch.no_grad():
             if self.config.image_features == "noised":
-                z = torch.cat([self._cached("latents", images[i:i + 1]) for i in range(images.shape[0])])
+                z = torch.cat(self._cached_many("latents", images))
                 z = z.to(self.device, fs.dtype)
                 noise = torch.randn(z.shape, generator=gen, dtype=torch.float32)
                 x = fs.add_noise(z, timesteps, noise)
@@ -346,37 +346,52 @@ class Trainer:
             grid = self.inversion_grid
             index = (grid[None, :] - timesteps.cpu()[:, None]).abs().argmin(dim=1)
             t_grid = grid[index]
-            x = torch.stack([self._cached("inversion", images[i:i + 1])[int(index[i])]
-                             for i in range(images.shape[0])])
+            x = torch.stack([traj[int(index[i])] for i, traj in enumerate(self._cached_many("inversion", images))])
             return fs.features_at(x.to(self.device), t_grid.to(self.device))
 
     def _cached(self, kind: str, image: torch.Tensor) -> torch.Tensor:
-        """The frozen image LDM's view of one image, cached on disk under its content digest.
+        """The frozen image LDM's view of one image ``(1, 3, H, W)``, cached on disk under its content digest.
 
         ``latents``: the VAE latent ``(1, C, h, w)`` (deterministic: the
         posterior mode). ``inversion``: the DDIM-inversion trajectory
         ``(grid, C, h, w)`` over ``inversion_grid``. A corrupt entry is
         recomputed.
         """
+        return self._cached_many(kind, image)[0]
+
+    def _cached_many(self, kind: str, images: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`_cached` for each image of a batch; the missing ones are computed together in one batch."""
         from safetensors.torch import load_file, save_file
 
         fs = self.model.feature_source
         grid = self.inversion_grid.tolist() if kind == "inversion" else []
-        key = hashlib.sha256(f"{tensor_digest(image)}|{kind}|{grid}|{self._image_model_tag}".encode()).hexdigest()[:32]
-        path = self.output / "cache" / kind / f"{key}.safetensors"
-        if path.is_file():
-            try:
-                return load_file(str(path))["latents"]
-            except Exception:
-                path.unlink(missing_ok=True)
-        z = fs.encode(image)
-        if kind == "inversion":
-            traj = fs.inversion_latents(z, grid)
-            z = torch.cat([traj[int(t)] for t in grid], dim=0)
-        latents = z.float().cpu().contiguous()
-        with atomic_path(path) as tmp:
-            save_file({"latents": latents}, str(tmp))
-        return latents
+        out: list[torch.Tensor | None] = []
+        paths = []
+        for i in range(images.shape[0]):
+            tag = f"{tensor_digest(images[i:i + 1])}|{kind}|{grid}|{self._image_model_tag}"
+            path = self.output / "cache" / kind / f"{hashlib.sha256(tag.encode()).hexdigest()[:32]}.safetensors"
+            paths.append(path)
+            found = None
+            if path.is_file():
+                try:
+                    found = load_file(str(path))["latents"]
+                except Exception:
+                    path.unlink(missing_ok=True)
+            out.append(found)
+        missing = [i for i, found in enumerate(out) if found is None]
+        if missing:
+            z = fs.encode(images[missing])
+            if kind == "inversion":
+                traj = fs.inversion_latents(z, grid)
+                z = torch.stack([traj[int(t)] for t in grid], dim=1)  # (batch, grid, C, h, w)
+            else:
+                z = z[:, None]  # (batch, 1, C, h, w)
+            for j, i in enumerate(missing):
+                latents = z[j].float().cpu().contiguous()
+                with atomic_path(paths[i]) as tmp:
+                    save_file({"latents": latents}, str(tmp))
+                out[i] = latents
+        return out
 
     def _micro_loss(self, batch: dict, step: int, micro: int) -> torch.Tensor:
         c, m, acc = self.config, self.model, self.accelerator

@@ -1,0 +1,304 @@
+"""A synthetic image-text-music world whose music depends on the image and the text in known ways.
+
+Each triplet has four attributes, two that only the image shows and two that only the caption names:
+
+======================  ===========  ==========================================  ================
+attribute               shown by     in the music                                classes (chance)
+======================  ===========  ==========================================  ================
+``register``            image hue    the note's fundamental (220/330/494/740 Hz)  4 (25 %)
+``tempo``               brightness   notes per second (2 dark, 4 bright)          2 (50 %)
+``instrument``          caption      harmonic profile (flute/clarinet/trumpet)    3 (33 %)
+``mood``                caption      articulation (calm legato, lively staccato)  2 (50 %)
+======================  ===========  ==========================================  ================
+
+The captions never mention colour or brightness and the pictures never show an instrument or a mood, so a
+text-only model cannot know the register or the tempo: that is what makes the image cue measurable.
+:func:`read_attributes` recovers all four from a waveform (pitch with ``librosa.pyin``, tempo by onset
+detection, instrument from the harmonic amplitudes, mood from the envelope's duty cycle), so generated audio
+can be scored against the ground truth that :func:`write_synthetic_manifest` writes beside the standard
+manifest. Everything is drawn from one seeded generator: the same arguments write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "REGISTERS", "TEMPOS", "INSTRUMENTS", "MOODS", "ATTRIBUTES", "IMAGE_ATTRIBUTES", "TEXT_ATTRIBUTES",
+    "SyntheticItem", "synthetic_item", "render_image", "render_audio", "write_synthetic_manifest",
+    "read_attributes", "attribute_accuracy", "CHANCE",
+]
+
+# register: (colour name, hue in [0, 1), fundamental in Hz); a fifth apart, so a pitch read within two
+# semitones still names the right class
+REGISTERS = (("red", 0.00, 220.00), ("yellow", 0.16, 329.63), ("green", 0.36, 493.88), ("blue", 0.62, 739.99))
+# tempo: (name, HSV value of the picture, notes per second)
+TEMPOS = (("dark", 0.36, 2.0), ("bright", 0.92, 4.0))
+# instrument: (name, harmonic amplitudes 1f..8f)
+INSTRUMENTS = (
+    ("flute", (1.0, 0.10, 0.04, 0.02, 0.0, 0.0, 0.0, 0.0)),
+    ("clarinet", (1.0, 0.04, 0.60, 0.03, 0.40, 0.02, 0.25, 0.0)),
+    ("trumpet", (1.0, 0.85, 0.70, 0.55, 0.45, 0.35, 0.25, 0.20)),
+)
+# mood: (name, words used in captions, fraction of each beat the note sounds, attack seconds)
+MOODS = (
+    ("calm", ("calm", "gentle", "peaceful"), 0.8, 0.02),
+    ("lively", ("lively", "playful", "bouncy"), 0.3, 0.004),
+)
+_TEMPLATES = ("a {mood} {instrument} melody", "{mood} {instrument} music", "a {instrument} playing a {mood} tune",
+              "{mood} music on the {instrument}")
+ATTRIBUTES = ("register", "tempo", "instrument", "mood")
+IMAGE_ATTRIBUTES = ("register", "tempo")
+TEXT_ATTRIBUTES = ("instrument", "mood")
+#: accuracy of guessing, per attribute (the classes are balanced)
+CHANCE = {"register": 1 / len(REGISTERS), "tempo": 1 / len(TEMPOS), "instrument": 1 / len(INSTRUMENTS),
+          "mood": 1 / len(MOODS)}
+_FIRST_ONSET = 0.05  # seconds
+
+
+@dataclass(frozen=True)
+class SyntheticItem:
+    """One triplet's ground truth: class indices into the tables above, and the caption."""
+
+    register: int
+    tempo: int
+    instrument: int
+    mood: int
+    caption: str
+
+    @property
+    def pitch_hz(self) -> float:
+        return REGISTERS[self.register][2]
+
+    @property
+    def notes_per_second(self) -> float:
+        return TEMPOS[self.tempo][2]
+
+    def labels(self) -> dict[str, Any]:
+        return {"register": REGISTERS[self.register][0], "pitch_hz": self.pitch_hz,
+                "tempo": TEMPOS[self.tempo][0], "notes_per_second": self.notes_per_second,
+                "instrument": INSTRUMENTS[self.instrument][0], "mood": MOODS[self.mood][0]}
+
+
+def synthetic_item(index: int, rng: np.random.Generator) -> SyntheticItem:
+    """Item ``index``: the attributes cycle through all 48 combinations (balanced); the wording is drawn."""
+    combo = index % (len(REGISTERS) * len(TEMPOS) * len(INSTRUMENTS) * len(MOODS))
+    register, combo = combo % len(REGISTERS), combo // len(REGISTERS)
+    tempo, combo = combo % len(TEMPOS), combo // len(TEMPOS)
+    instrument, mood = combo % len(INSTRUMENTS), combo // len(INSTRUMENTS)
+    template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
+    word = MOODS[mood][1][rng.integers(len(MOODS[mood][1]))]
+    caption = template.format(mood=word, instrument=INSTRUMENTS[instrument][0])
+    return SyntheticItem(register, tempo, instrument, mood, caption)
+
+
+def render_image(item: SyntheticItem, size: int, rng: np.random.Generator) -> Image.Image:
+    """A field of the register's hue at the tempo's brightness, with 1-3 discs of a paler tint on it."""
+    hue = (REGISTERS[item.register][1] + rng.uniform(-0.025, 0.025)) % 1.0
+    value = TEMPOS[item.tempo][1] + rng.uniform(-0.04, 0.04)
+    yy, xx = np.mgrid[0:size, 0:size]
+    sat = np.full((size, size), 0.85)
+    val = np.full((size, size), value)
+    for _ in range(rng.integers(1, 4)):
+        cy, cx = rng.uniform(0.15, 0.85, size=2) * size
+        radius = rng.uniform(0.08, 0.2) * size
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+        sat[disc] = 0.45
+        val[disc] = min(value + 0.08, 1.0)
+    sat += 0.03 * rng.standard_normal((size, size))
+    val += 0.03 * rng.standard_normal((size, size))
+    hsv = np.stack([np.full((size, size), hue), np.clip(sat, 0, 1), np.clip(val, 0, 1)], axis=-1)
+    pixels = np.ascontiguousarray(np.round(hsv * 255).astype(np.uint8))
+    image = Image.frombytes("HSV", (size, size), pixels.tobytes()).convert("RGB")
+    if rng.uniform() < 0.5:  # a thin stripe somewhere, for variety the music ignores
+        draw = ImageDraw.Draw(image)
+        y = int(rng.integers(0, size))
+        draw.line([(0, y), (size, y)], fill=image.getpixel((0, y)), width=1)
+    return image
+
+
+def render_audio(item: SyntheticItem, seconds: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """Repeated notes at the register's pitch and the tempo's rate, with the instrument's harmonics and the
+    mood's articulation; a little detuning, level jitter and noise."""
+    n = int(round(seconds * sample_rate))
+    t = np.arange(n) / sample_rate
+    pitch = item.pitch_hz * 2 ** (rng.uniform(-0.1, 0.1) / 12)  # +-10 cents
+    period = 1.0 / item.notes_per_second
+    _, _, gate, attack = MOODS[item.mood]
+    length = gate * period
+    env = np.zeros(n)
+    start = _FIRST_ONSET
+    while start < seconds:
+        local = t - start
+        inside = (local >= 0) & (local < length + 0.03)
+        rise = np.clip(local / attack, 0, 1)
+        decay = np.exp(-local / (0.8 if gate > 0.5 else 0.12))
+        release = np.clip((length + 0.03 - local) / 0.03, 0, 1)
+        env = np.where(inside, np.maximum(env, rise * decay * release), env)
+        start += period
+    wave = np.zeros(n)
+    for k, amp in enumerate(INSTRUMENTS[item.instrument][1], start=1):
+        if amp > 0 and k * pitch < sample_rate / 2 - 200:
+            wave += amp * np.sin(2 * np.pi * k * pitch * t + rng.uniform(0, 2 * np.pi))
+    wave *= env
+    peak = np.abs(wave).max()
+    wave = wave / peak * 0.5 * 10 ** (rng.uniform(-2, 2) / 20) if peak > 0 else wave
+    wave += 0.001 * rng.standard_normal(n)
+    return wave.astype(np.float32)
+
+
+def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float = 2.56, sample_rate: int = 16000,
+                             image_size: int = 64, seed: int = 0, start: int = 0) -> Path:
+    """Write ``n`` triplets (``audio/*.wav`` PCM_16, ``images/*.png``) and ``manifest.jsonl`` under ``folder``.
+
+    Each manifest row has the standard columns ``captions``, ``location`` and ``img_path`` (relative paths)
+    plus the ground truth: ``register``, ``pitch_hz``, ``tempo``, ``notes_per_second``, ``instrument``,
+    ``mood``. ``attributes.json`` beside it lists the classes. Item ``i`` (counting from ``start``) has
+    combination ``i % 48``, so any 48 consecutive items cover every combination once; use a different
+    ``seed`` (and ``start``) for a held-out set. Returns the manifest path.
+    """
+    for name, value in (("n", n), ("sample_rate", sample_rate), ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start: expected a non-negative integer, got {start!r}")
+    if not isinstance(seconds, (int, float)) or not np.isfinite(seconds) or seconds < 0.5:
+        raise ValueError(f"seconds: expected a number of seconds >= 0.5, got {seconds!r}")
+    folder = Path(folder)
+    (folder / "audio").mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(start, start + n):
+        item = synthetic_item(i, rng)
+        audio, image = f"audio/syn_{i:05d}.wav", f"images/syn_{i:05d}.png"
+        sf.write(folder / audio, render_audio(item, seconds, sample_rate, rng), sample_rate, subtype="PCM_16",
+                 format="WAV")
+        render_image(item, image_size, rng).save(folder / image, format="PNG")
+        row = {"captions": item.caption, "location": audio, "img_path": image, **item.labels()}
+        lines.append(json.dumps(row) + "\n")
+    classes = {"register": [{"name": c, "hue": h, "pitch_hz": p} for c, h, p in REGISTERS],
+               "tempo": [{"name": c, "value": v, "notes_per_second": r} for c, v, r in TEMPOS],
+               "instrument": [{"name": c, "harmonics": list(h)} for c, h in INSTRUMENTS],
+               "mood": [{"name": c, "words": list(w), "gate": g} for c, w, g, _ in MOODS],
+               "image_attributes": list(IMAGE_ATTRIBUTES), "text_attributes": list(TEXT_ATTRIBUTES),
+               "chance": CHANCE, "seconds": seconds, "sample_rate": sample_rate, "seed": seed}
+    (folder / "attributes.json").write_text(json.dumps(classes, indent=2), encoding="utf-8")
+    path = folder / "manifest.jsonl"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the attributes back from audio
+
+
+@dataclass(frozen=True)
+class AttributeReading:
+    """What :func:`read_attributes` measured: class indices (``None`` where nothing could be read)."""
+
+    register: int | None
+    tempo: int | None
+    instrument: int | None
+    mood: int | None
+    pitch_hz: float | None
+    notes_per_second: float
+    duty: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _nearest_register(pitch: float) -> int:
+    return int(np.argmin([abs(np.log2(pitch / p)) for _, _, p in REGISTERS]))
+
+
+def _harmonic_profile(y: np.ndarray, sr: int, pitch: float) -> np.ndarray:
+    """Amplitudes of harmonics 1..5 relative to the first, from the loud frames' average spectrum."""
+    import librosa
+
+    n_fft = 4096
+    spec = np.abs(librosa.stft(y, n_fft=n_fft, hop_length=512))
+    loud = spec.sum(axis=0)
+    mean = spec[:, loud >= 0.3 * loud.max()].mean(axis=1) if loud.max() > 0 else spec.mean(axis=1)
+    freqs = np.arange(mean.shape[0]) * sr / n_fft
+    amps = []
+    for k in range(1, 6):
+        f = k * pitch
+        band = (freqs > f * 0.96) & (freqs < f * 1.04)
+        amps.append(mean[band].max() if band.any() else 0.0)
+    amps = np.asarray(amps)
+    return amps / max(amps[0], 1e-9)
+
+
+def _instrument_from_profile(profile: np.ndarray) -> int:
+    feats = np.log10(np.maximum(profile[1:], 1e-2))  # harmonics 2..5 in decades, floored at -40 dB
+    protos = [np.log10(np.maximum(np.asarray(h[1:5]), 1e-2)) for _, h in INSTRUMENTS]
+    return int(np.argmin([np.sum((feats - p) ** 2) for p in protos]))
+
+
+def read_attributes(waveform: np.ndarray, sample_rate: int) -> AttributeReading:
+    """Measure register, tempo, instrument and mood from one mono waveform (any length over 0.5 s)."""
+    import librosa
+
+    y = np.asarray(waveform, dtype=np.float32).reshape(-1)
+    if y.size < sample_rate // 2 or not np.isfinite(y).all():
+        raise ValueError(f"waveform: expected at least 0.5 s of finite audio, got {y.size} samples")
+    peak = np.abs(y).max()
+    if peak < 1e-4:
+        return AttributeReading(None, None, None, None, None, 0.0, 0.0)
+    y = y / peak
+    hop = sample_rate // 100  # 10 ms frames
+    rms = librosa.feature.rms(y=y, frame_length=2 * hop, hop_length=hop)[0]
+    loud = rms > 0.3 * rms.max()
+    # pitch: YIN's median over the loud frames
+    f0 = librosa.yin(y, fmin=150.0, fmax=1100.0, sr=sample_rate, frame_length=2048, hop_length=hop)
+    f0 = f0[: loud.size][loud[: f0.size]]
+    pitch = float(np.median(f0)) if f0.size >= 3 else None
+    # tempo: the onset-strength envelope's self-similarity one fast beat (0.25 s) and one slow beat (0.5 s) apart;
+    # repeated notes at 4 per second repeat at both lags, at 2 per second only at the longer one
+    onset = librosa.onset.onset_strength(y=y, sr=sample_rate, hop_length=hop)
+    onset = onset - onset.mean()
+    def similarity(seconds: float) -> float:
+        lag = int(round(seconds * 100))
+        if onset.size <= lag + 10:
+            return 0.0
+        return max(float(np.dot(onset[:-k], onset[k:]) / (onset.size - k)) for k in (lag - 1, lag, lag + 1))
+    fast, slow = similarity(1 / TEMPOS[1][2]), similarity(1 / TEMPOS[0][2])
+    tempo = 1 if fast > 0.5 * max(slow, 1e-12) else 0
+    rate = TEMPOS[tempo][2]
+    # mood: how much of the time the envelope stays near its peak (legato notes fill their beat)
+    active = np.flatnonzero(rms > 0.05 * rms.max())
+    span = rms[active[0]: active[-1] + 1]
+    duty = float((span > 0.4 * np.percentile(span, 95)).mean())
+    mood = 0 if duty > 0.55 else 1
+    register = instrument = None
+    if pitch is not None:
+        register = _nearest_register(pitch)
+        instrument = _instrument_from_profile(_harmonic_profile(y, sample_rate, pitch))
+    return AttributeReading(register, tempo, instrument, mood, pitch, float(rate), duty)
+
+
+def attribute_accuracy(readings: Sequence[AttributeReading], truth: Sequence[SyntheticItem | dict]
+                       ) -> dict[str, float]:
+    """Fraction of clips whose measured class equals the ground truth, per attribute (unread counts as wrong)."""
+    if len(readings) != len(truth) or not readings:
+        raise ValueError(f"readings, truth: expected equal non-zero lengths, got {len(readings)} and {len(truth)}")
+    names = {"register": [c for c, _, _ in REGISTERS], "tempo": [c for c, _, _ in TEMPOS],
+             "instrument": [c for c, _ in INSTRUMENTS], "mood": [c for c, _, _, _ in MOODS]}
+    out = {}
+    for attr in ATTRIBUTES:
+        hits = 0
+        for reading, item in zip(readings, truth, strict=True):
+            want = getattr(item, attr) if isinstance(item, SyntheticItem) else names[attr].index(item[attr])
+            hits += getattr(reading, attr) == want
+        out[attr] = hits / len(readings)
+    return out

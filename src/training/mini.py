@@ -1,0 +1,163 @@
+"""The recipe that trains the ``mini`` model from scratch on the synthetic world, on a CPU.
+
+Stages (each seeded; the whole run is a pure function of the arguments):
+
+1. data: :func:`~melfusion.datasets.synthetic.write_synthetic_manifest` writes a training set and a
+   held-out set (another seed, other items) under ``output/data``;
+2. the image LDM: the ``mini`` feature source's VAE, then its UNet, on the training pictures
+   (:mod:`melfusion.training.image_ldm`), then frozen; or copied from an earlier run (``image_from``);
+3. the music model: the :class:`~melfusion.training.Trainer` (Algorithm 1) on the training triplets, with
+   image features from each picture's cached DDIM-inversion trajectory (the trajectory Algorithm 2 uses);
+4. ``output/model``: :meth:`MelFusion.save_pretrained`, loadable with ``MelFusion.from_pretrained``;
+   ``output/mini_summary.json``: the settings, stage timings and losses.
+
+``python scripts/train_mini.py`` runs it with the shipped model's settings; ``benchmarks/ablation.py`` runs
+it once per ablation variant with one shared image LDM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import MelFusionConfig
+
+__all__ = ["MiniRecipe", "train_mini", "write_mini_data"]
+
+
+@dataclass
+class MiniRecipe:
+    """Settings of one run; the defaults are the shipped model's (about 40 min on a 2-core CPU)."""
+
+    seed: int = 0
+    n_train: int = 480  # 10 of each of the 48 attribute combinations
+    n_heldout: int = 96
+    image_vae_steps: int = 400
+    image_unet_steps: int = 600
+    music_steps: int = 1500
+    batch_size: int = 12
+    unet_lr: float = 1e-3
+    synapse_lr: float = 1e-3
+    alpha_lr: float = 1e-3
+    inversion_steps: int = 25
+    text_dropout: float = 0.1
+    image_dropout: float = 0.1
+    #: overrides of the model config's ``synapse`` section (ablation variants), e.g. {"enabled": False}
+    synapse: dict[str, Any] = field(default_factory=dict)
+
+    def model_config(self) -> MelFusionConfig:
+        cfg = MelFusionConfig.preset("mini")
+        if self.synapse:
+            data = cfg.to_dict()
+            data["synapse"].update(self.synapse)
+            cfg = MelFusionConfig.model_validate(data)
+        return cfg
+
+
+def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tuple[Path, Path]:
+    """The training and held-out manifests under ``folder`` (``train/``, ``heldout/``); reused if present."""
+    from ..datasets.synthetic import write_synthetic_manifest
+
+    recipe = recipe or MiniRecipe()
+    folder = Path(folder)
+    out = []
+    for name, n, seed, start in (("train", recipe.n_train, recipe.seed, 0),
+                                 ("heldout", recipe.n_heldout, recipe.seed + 1000, 100_000)):
+        manifest = folder / name / "manifest.jsonl"
+        stamp = folder / name / ".complete"
+        want = json.dumps({"n": n, "seed": seed, "start": start})
+        if not (stamp.is_file() and stamp.read_text() == want and manifest.is_file()):
+            write_synthetic_manifest(folder / name, n=n, seed=seed, start=start)
+            stamp.write_text(want)
+        out.append(manifest)
+    return out[0], out[1]
+
+
+def _image_paths(manifest: Path) -> list[Path]:
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    return [manifest.parent / row["img_path"] for row in rows]
+
+
+def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = None, *,
+               image_from: str | Path | None = None, progress: bool = True) -> Path:
+    """Train the mini model into ``output/model`` and return that folder (see the module doc)."""
+    from ..pipeline import MelFusion
+    from .config import TrainConfig
+    from .image_ldm import load_images, train_image_unet, train_image_vae
+    from .trainer import Trainer
+
+    recipe = recipe or MiniRecipe()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    losses: dict[str, list[float]] = {}
+
+    start = time.perf_counter()
+    train_manifest, heldout_manifest = write_mini_data(output / "data", recipe)
+    timings["data_s"] = time.perf_counter() - start
+
+    cfg = recipe.model_config()
+    torch.manual_seed(recipe.seed)
+    model = MelFusion.from_config(cfg)
+    fs = model.feature_source
+    start = time.perf_counter()
+    if image_from is not None:
+        source = MelFusion.from_pretrained(image_from)
+        fs.unet.load_state_dict(source.feature_source.unet.state_dict())
+        fs.vae.load_state_dict(source.feature_source.vae.state_dict())
+        fs.vae.register_to_config(scaling_factor=source.feature_source.vae.config.scaling_factor)
+    else:
+        images = load_images(_image_paths(train_manifest), fs.resolution)
+        losses["image_vae"] = train_image_vae(fs, images, steps=recipe.image_vae_steps, seed=recipe.seed,
+                                              progress=progress)
+        latents = torch.cat([fs.encode(images[i: i + 64]) for i in range(0, len(images), 64)])
+        losses["image_unet"] = train_image_unet(fs, latents, steps=recipe.image_unet_steps, seed=recipe.seed,
+                                                progress=progress)
+    timings["image_ldm_s"] = time.perf_counter() - start
+    # the trained VAE's scaling factor must travel with the saved config
+    data = cfg.to_dict()
+    vae_spec = data["feature_source"]["params"]["vae"]
+    vae_config = dict(fs.vae.config) if not isinstance(vae_spec.get("config"), dict) else vae_spec["config"]
+    vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+    vae_config["scaling_factor"] = float(fs.vae.config.scaling_factor)
+    vae_spec["config"] = _jsonable(vae_config)
+    cfg = MelFusionConfig.model_validate(data)
+    model.config = cfg
+
+    train_cfg = TrainConfig(
+        model=cfg, output=str(output / "music"), mode="synapse+unet" if cfg.synapse.enabled else "synapse+unet",
+        data={"manifest": str(train_manifest), "random_crop": False},
+        image_features="inverted", inversion_steps=recipe.inversion_steps, batch_size=recipe.batch_size,
+        max_steps=recipe.music_steps, seed=recipe.seed, text_dropout=recipe.text_dropout,
+        image_dropout=recipe.image_dropout,
+        optim={"unet_lr": recipe.unet_lr, "synapse_lr": recipe.synapse_lr, "alpha_lr": recipe.alpha_lr,
+               "lr_scheduler": "cosine", "warmup_steps": max(1, recipe.music_steps // 30)},
+        checkpoint_every=max(1, recipe.music_steps // 4), keep_last=1, log_every=25, tensorboard=False,
+        progress=progress,
+    )
+    start = time.perf_counter()
+    trainer = Trainer(train_cfg, model=model)
+    resume = (output / "music" / "checkpoints").is_dir() and any((output / "music" / "checkpoints").iterdir())
+    result = trainer.train(resume=resume)
+    timings["music_s"] = time.perf_counter() - start
+    losses["music"] = result.losses
+    model_dir = trainer.save_model(output / "model")
+    summary = {"recipe": asdict(recipe), "timings": timings, "train_manifest": str(train_manifest),
+               "heldout_manifest": str(heldout_manifest), "model": str(model_dir),
+               "final_losses": {k: sum(v[-50:]) / max(len(v[-50:]), 1) for k, v in losses.items()},
+               "alphas": trainer._alphas()}
+    (output / "mini_summary.json").write_text(json.dumps(summary, indent=2))
+    return model_dir
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
