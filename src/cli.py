@@ -52,15 +52,16 @@ def _generate(args: argparse.Namespace) -> int:
     image = open_image(args.image, "--image")  # fails early, before any model is built
     dtype = _dtype(args.dtype)
     start = time.perf_counter()
-    if args.model:
-        model = MelFusion.from_pretrained(args.model, device=args.device, dtype=dtype)
+    if args.model or not (args.preset or args.config):
+        # no model, preset or config: the shipped mini model (docs/mini.md)
+        model = MelFusion.from_pretrained(args.model or "mini", device=args.device, dtype=dtype)
         cfg = model.config
     else:
         cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
         model = None
-    if cfg.name == "tiny":
-        print("note: the 'tiny' preset has random weights; the audio is noise-like until a trained model "
-              "is given (the embedded trained default comes in a later release).", file=sys.stderr)
+        print(f"note: --{'preset' if args.preset else 'config'} builds {cfg.name or 'the model'} with random or "
+              "pretrained-hub weights, as its config says; leave it out to use the shipped trained model.",
+              file=sys.stderr)
     if model is None:
         model = MelFusion.from_config(cfg, device=args.device, dtype=dtype)
     out = model.generate(
@@ -122,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", required=True, help="text prompt")
     g.add_argument("--out", required=True, help="output WAV path")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
-    src.add_argument("--config", help="config file (.json or .yaml)")
-    src.add_argument("--model", help="folder written by MelFusion.save_pretrained (or a hub id when online)")
+    src.add_argument("--model", help="folder written by MelFusion.save_pretrained, a shipped model name, or a "
+                     "hub id when online (default: the shipped 'mini' model)")
+    src.add_argument("--preset", default=None, help="build a preset (tiny, mini, paper...) from its config instead")
+    src.add_argument("--config", help="build from a model config file (.json or .yaml) instead")
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--image-guidance", type=float, default=None, help="separate image guidance scale")

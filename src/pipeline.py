@@ -31,7 +31,7 @@ from .synapse.features import FeatureCache, FeatureStore, tensor_digest
 from .synapse.install import SynapseHandle, install
 from .synapse.wiring import Synapse, probe_layers
 
-__all__ = ["MelFusion", "GenerationOutput", "make_scheduler", "noise_schedule", "image_timesteps", "SCHEDULERS"]
+__all__ = ["MelFusion", "GenerationOutput", "make_scheduler", "noise_schedule", "image_timesteps", "cap_timesteps", "SCHEDULERS"]
 
 
 def make_scheduler(name: str, prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear",
@@ -394,7 +394,7 @@ class MelFusion:
             if images.shape[0] not in (1, len(texts)):
                 raise ValueError(f"image: got {images.shape[0]} images for {len(texts)} texts; give 1 or one per text")
             k_img = image_steps if image_steps is not None else s.image_steps
-            grid = image_timesteps(sched.timesteps, k_img)
+            grid = cap_timesteps(image_timesteps(sched.timesteps, k_img), self.config.synapse.image_timestep_max)
             cache = self.image_features(images, grid, text_tokens=emb.shape[1], latent_hw=(shape[2], shape[3]))
             per_row = batch // images.shape[0]
             if images.shape[0] > 1 and per_row > 1:  # one image per text, each repeated per sample
@@ -513,6 +513,19 @@ def image_timesteps(timesteps: torch.Tensor | Sequence[int], image_steps: int | 
     image_steps = _positive_int(image_steps, "image_steps")
     index = np.unique(np.round(np.linspace(0, len(ts) - 1, image_steps)).astype(int))
     return [ts[i] for i in index]
+
+
+def cap_timesteps(timesteps: Sequence[int], cap: int | None) -> list[int]:
+    """The image timesteps at or below ``cap`` (None: all); the smallest one if none is.
+
+    The feature cache answers each music timestep with its nearest image timestep, so music steps above
+    the cap get the features at the largest timestep kept.
+    """
+    ts = [int(t) for t in timesteps]
+    if cap is None or not ts:
+        return ts
+    kept = [t for t in ts if t <= cap]
+    return kept or [min(ts)]
 
 
 def noise_schedule(denoiser: Any) -> dict[str, Any]:

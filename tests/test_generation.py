@@ -216,3 +216,46 @@ def test_cli_generate_from_saved_model(tiny_model, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "none"), "--image", "examples/images/sunset.png",
                  "--text", "x", "--out", str(out)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+@settings(max_examples=80, deadline=None)
+@given(ts=st.lists(st.integers(0, 999), min_size=1, max_size=60, unique=True), cap=st.integers(0, 999))
+def test_cap_timesteps_keeps_what_lies_under_the_cap(ts, cap):
+    from melfusion.pipeline import cap_timesteps
+    from melfusion.synapse.features import FeatureCache
+
+    ts = sorted(ts, reverse=True)
+    kept = cap_timesteps(ts, cap)
+    assert cap_timesteps(ts, None) == ts
+    under = [t for t in ts if t <= cap]
+    assert kept == (under or [min(ts)])
+    # the cache answers every music timestep above the cap with the largest kept image timestep
+    cache = FeatureCache()
+    for t in kept:
+        cache.add(t, {"layer": (torch.full((1,), float(t)), torch.zeros(1))})
+    for t in ts:
+        if t > max(kept):
+            assert float(cache.at(t)["layer"][0]) == max(kept)
+
+
+def test_image_timestep_cap_in_generation(tiny_model):
+    model = tiny_model
+    model.feature_cache.clear()
+    calls = _CountCalls(model.feature_source.unet)
+    kw = dict(image=_image(13), text="calm piano", num_inference_steps=8, progress=False)
+    try:
+        model.config.synapse.image_timestep_max = 300
+        capped = model.generate(**kw)
+        n_capped = calls.count
+    finally:
+        model.config.synapse.image_timestep_max = None
+        calls.close()
+    from melfusion.pipeline import noise_schedule
+
+    sched = make_scheduler("ddim", **noise_schedule(model.denoiser))
+    sched.set_timesteps(8)
+    kept = [int(t) for t in sched.timesteps if int(t) <= 300]
+    assert 0 < len(kept) < 8
+    assert n_capped == 2 * len(kept)  # the reverse trajectory, only up to the cap
+    assert np.isfinite(capped.waveforms).all()
+    assert not np.array_equal(capped.mel, model.generate(**kw).mel)

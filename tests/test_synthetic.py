@@ -13,10 +13,13 @@ import melfusion as mf
 from melfusion.datasets.synthetic import (
     ATTRIBUTES,
     CHANCE,
+    COLOURS,
     IMAGE_ATTRIBUTES,
     INSTRUMENTS,
     MOODS,
     REGISTERS,
+    SHADES,
+    TEMPO_OF_COLOUR,
     TEMPOS,
     SyntheticItem,
     attribute_accuracy,
@@ -50,19 +53,29 @@ def test_manifest_rows_hold_the_standard_columns_and_the_ground_truth(tmp_path):
     assert len(rows) == 48
     for row in rows:
         assert (tmp_path / row["location"]).is_file() and (tmp_path / row["img_path"]).is_file()
-        assert {"captions", "register", "pitch_hz", "tempo", "notes_per_second", "instrument", "mood"} <= set(row)
+        assert {"captions", "register", "pitch_hz", "tempo", "notes_per_second", "instrument", "mood", "colour",
+                "shade"} <= set(row)
+        # the picture decides register and tempo
+        assert row["register"] == REGISTERS[[c for c, _ in SHADES].index(row["shade"])][0]
+        assert row["tempo"] == TEMPOS[TEMPO_OF_COLOUR[[c for c, _ in COLOURS].index(row["colour"])]][0]
     # 48 consecutive items: every combination exactly once
-    combos = {(r["register"], r["tempo"], r["instrument"], r["mood"]) for r in rows}
-    assert len(combos) == len(REGISTERS) * len(TEMPOS) * len(INSTRUMENTS) * len(MOODS) == 48
+    combos = {(r["colour"], r["shade"], r["instrument"], r["mood"]) for r in rows}
+    assert len(combos) == len(COLOURS) * len(SHADES) * len(INSTRUMENTS) * len(MOODS) == 48
+    # each image-only class is balanced
+    for attr in IMAGE_ATTRIBUTES:
+        counts = {}
+        for r in rows:
+            counts[r[attr]] = counts.get(r[attr], 0) + 1
+        assert set(counts.values()) == {48 // len(counts)}
     # the library reads it as a standard triplet manifest
     assert len(mf.datasets.read_manifest(path)) == 48
     info = json.loads((tmp_path / "attributes.json").read_text())
-    assert info["image_attributes"] == list(IMAGE_ATTRIBUTES) and info["chance"]["register"] == 0.25
+    assert info["image_attributes"] == list(IMAGE_ATTRIBUTES) and info["chance"]["register"] == 0.5
 
 
 def test_captions_name_instrument_and_mood_but_never_the_image_cues():
     rng = np.random.default_rng(0)
-    image_words = [c for c, _, _ in REGISTERS] + [c for c, _, _ in TEMPOS]
+    image_words = [c for c, _ in COLOURS] + [c for c, _ in SHADES] + ["warm", "cool", "slow", "fast", "low", "high"]
     for i in range(96):
         item = synthetic_item(i, rng)
         words = item.caption.split()
@@ -73,14 +86,15 @@ def test_captions_name_instrument_and_mood_but_never_the_image_cues():
 
 def test_the_picture_shows_hue_and_brightness():
     rng = np.random.default_rng(1)
-    for register in range(len(REGISTERS)):
-        for tempo in range(len(TEMPOS)):
-            item = SyntheticItem(register, tempo, 0, 0, "x")
+    for colour in range(len(COLOURS)):
+        for shade in range(len(SHADES)):
+            item = SyntheticItem(colour, shade, 0, 0, "x")
             hsv = np.asarray(render_image(item, 32, rng).convert("HSV"), dtype=np.float64) / 255
             hue = np.median(hsv[..., 0])
-            distance = min(abs(hue - REGISTERS[register][1]), 1 - abs(hue - REGISTERS[register][1]))
+            distance = min(abs(hue - COLOURS[colour][1]), 1 - abs(hue - COLOURS[colour][1]))
             assert distance < 0.05
-            assert abs(np.median(hsv[..., 2]) - TEMPOS[tempo][1]) < 0.1
+            assert abs(np.median(hsv[..., 2]) - SHADES[shade][1]) < 0.1
+            assert item.register == shade and item.tempo == TEMPO_OF_COLOUR[colour]
 
 
 def test_attributes_are_read_back_from_the_rendered_audio():
@@ -112,13 +126,13 @@ def test_bad_arguments_name_themselves(tmp_path, kwargs, name):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, 47), min_size=1, max_size=20), st.integers(0, 3))
+@given(st.lists(st.integers(0, 47), min_size=1, max_size=20), st.integers(0, 1))
 def test_accuracy_is_the_fraction_of_matching_classes(indices, shift):
     rng = np.random.default_rng(0)
     items = [synthetic_item(i, rng) for i in indices]
     from melfusion.datasets.synthetic import AttributeReading
 
-    readings = [AttributeReading((it.register + shift) % 4, it.tempo, None, it.mood, 1.0, 1.0, 1.0) for it in items]
+    readings = [AttributeReading((it.register + shift) % 2, it.tempo, None, it.mood, 1.0, 1.0, 1.0) for it in items]
     acc = attribute_accuracy(readings, items)
     assert acc["register"] == (1.0 if shift == 0 else 0.0)
     assert acc["tempo"] == acc["mood"] == 1.0 and acc["instrument"] == 0.0

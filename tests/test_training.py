@@ -397,3 +397,33 @@ def test_init_from_starts_from_a_saved_model(toy, tmp_path):
     second = Trainer(make_config(toy, tmp_path / "b", max_steps=2, init_from=str(result.model_path)))
     for k, v in first._trained().items():
         torch.testing.assert_close(second._trained()[k], v.detach())
+
+
+@pytest.mark.parametrize("features", ["inverted", "noised"])
+def test_image_timestep_cap_applies_in_training(toy, tmp_path, features):
+    """``synapse.image_timestep_max``: every sample's image features come from no later than the cap, and (for
+    inverted features) from the grid points generation would use."""
+    model_cfg = TrainConfig().model_config_resolved().model_copy(deep=True)
+    model_cfg.synapse.image_timestep_max = 300
+    trainer = Trainer(make_config(toy, tmp_path / "run", max_steps=1, model=model_cfg, image_features=features,
+                                  inversion_steps=10))
+    fs = trainer.model.feature_source
+    seen = []
+    original = fs.features_at
+
+    def record(x, timesteps):
+        seen.append(timesteps.cpu().clone())
+        return original(x, timesteps)
+
+    fs.features_at = record
+    images = torch.rand(3, 3, fs.resolution, fs.resolution, generator=torch.Generator().manual_seed(0))
+    trainer._image_kv(images, torch.tensor([999, 400, 10]), torch.Generator().manual_seed(0))
+    used = seen[-1].tolist()
+    if features == "noised":
+        assert used == [300, 300, 10]
+    else:
+        grid = trainer.inversion_grid
+        kept = grid[grid <= 300]
+        assert used[0] == used[1] == int(kept.max())
+        assert used[2] == int(grid[(grid - 10).abs().argmin()])
+    assert max(used) <= 300

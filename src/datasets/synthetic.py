@@ -5,18 +5,24 @@ Each triplet has four attributes, two that only the image shows and two that onl
 ======================  ===========  ==========================================  ================
 attribute               shown by     in the music                                classes (chance)
 ======================  ===========  ==========================================  ================
-``register``            image hue    the note's fundamental (220/330/494/740 Hz)  4 (25 %)
-``tempo``               brightness   notes per second (2 dark, 4 bright)          2 (50 %)
+``register``            brightness   the note's fundamental (220 Hz dark,         2 (50 %)
+                                     494 Hz bright)
+``tempo``               hue          notes per second (4 for the warm red and     2 (50 %)
+                                     yellow, 2 for the cool green and blue)
 ``instrument``          caption      harmonic profile (flute/clarinet/trumpet)    3 (33 %)
 ``mood``                caption      articulation (calm legato, lively staccato)  2 (50 %)
 ======================  ===========  ==========================================  ================
 
 The captions never mention colour or brightness and the pictures never show an instrument or a mood, so a
 text-only model cannot know the register or the tempo: that is what makes the image cue measurable.
-:func:`read_attributes` recovers all four from a waveform (pitch with ``librosa.pyin``, tempo by onset
-detection, instrument from the harmonic amplitudes, mood from the envelope's duty cycle), so generated audio
-can be scored against the ground truth that :func:`write_synthetic_manifest` writes beside the standard
-manifest. Everything is drawn from one seeded generator: the same arguments write the same bytes.
+:func:`read_attributes` recovers all four from a waveform (pitch with YIN, tempo from the onset envelope,
+instrument from the harmonic amplitudes, mood from the envelope's duty cycle), so generated audio can be
+scored against the ground truth that :func:`write_synthetic_manifest` writes beside the standard manifest.
+Everything is drawn from one seeded generator: the same arguments write the same bytes.
+
+The picture itself has two properties, its ``colour`` (one of four hues) and its ``shade`` (dark or
+bright); the brightness-to-pitch pairing follows the well-known cross-modal correspondence (brighter is
+higher), and the four hues pair up into the two tempos.
 """
 
 from __future__ import annotations
@@ -32,16 +38,22 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "REGISTERS", "TEMPOS", "INSTRUMENTS", "MOODS", "ATTRIBUTES", "IMAGE_ATTRIBUTES", "TEXT_ATTRIBUTES",
+    "COLOURS", "SHADES", "REGISTERS", "TEMPOS", "TEMPO_OF_COLOUR", "INSTRUMENTS", "MOODS", "ATTRIBUTES",
+    "IMAGE_ATTRIBUTES", "TEXT_ATTRIBUTES",
     "SyntheticItem", "synthetic_item", "render_image", "render_audio", "write_synthetic_manifest",
     "read_attributes", "attribute_accuracy", "CHANCE",
 ]
 
-# register: (colour name, hue in [0, 1), fundamental in Hz); a fifth apart, so a pitch read within two
+# the picture: colour (name, hue in [0, 1)) and shade (name, HSV value)
+COLOURS = (("red", 0.00), ("yellow", 0.16), ("green", 0.36), ("blue", 0.62))
+SHADES = (("dark", 0.36), ("bright", 0.92))
+# register, set by the shade: (name, fundamental in Hz); a ninth apart, so a pitch read within a few
 # semitones still names the right class
-REGISTERS = (("red", 0.00, 220.00), ("yellow", 0.16, 329.63), ("green", 0.36, 493.88), ("blue", 0.62, 739.99))
-# tempo: (name, HSV value of the picture, notes per second)
-TEMPOS = (("dark", 0.36, 2.0), ("bright", 0.92, 4.0))
+REGISTERS = (("low", 220.00), ("high", 493.88))
+# tempo, set by the colour: (name, notes per second)
+TEMPOS = (("slow", 2.0), ("fast", 4.0))
+#: the tempo class of each colour: warm hues fast, cool hues slow
+TEMPO_OF_COLOUR = (1, 1, 0, 0)
 # instrument: (name, harmonic amplitudes 1f..8f)
 INSTRUMENTS = (
     ("flute", (1.0, 0.10, 0.04, 0.02, 0.0, 0.0, 0.0, 0.0)),
@@ -66,44 +78,54 @@ _FIRST_ONSET = 0.05  # seconds
 
 @dataclass(frozen=True)
 class SyntheticItem:
-    """One triplet's ground truth: class indices into the tables above, and the caption."""
+    """One triplet's ground truth: the picture's colour and shade, the caption's instrument and mood (class
+    indices into the tables above), and the caption. ``register`` and ``tempo`` follow from the picture."""
 
-    register: int
-    tempo: int
+    colour: int
+    shade: int
     instrument: int
     mood: int
     caption: str
 
     @property
+    def register(self) -> int:
+        return self.shade
+
+    @property
+    def tempo(self) -> int:
+        return TEMPO_OF_COLOUR[self.colour]
+
+    @property
     def pitch_hz(self) -> float:
-        return REGISTERS[self.register][2]
+        return REGISTERS[self.register][1]
 
     @property
     def notes_per_second(self) -> float:
-        return TEMPOS[self.tempo][2]
+        return TEMPOS[self.tempo][1]
 
     def labels(self) -> dict[str, Any]:
         return {"register": REGISTERS[self.register][0], "pitch_hz": self.pitch_hz,
                 "tempo": TEMPOS[self.tempo][0], "notes_per_second": self.notes_per_second,
-                "instrument": INSTRUMENTS[self.instrument][0], "mood": MOODS[self.mood][0]}
+                "instrument": INSTRUMENTS[self.instrument][0], "mood": MOODS[self.mood][0],
+                "colour": COLOURS[self.colour][0], "shade": SHADES[self.shade][0]}
 
 
 def synthetic_item(index: int, rng: np.random.Generator) -> SyntheticItem:
     """Item ``index``: the attributes cycle through all 48 combinations (balanced); the wording is drawn."""
-    combo = index % (len(REGISTERS) * len(TEMPOS) * len(INSTRUMENTS) * len(MOODS))
-    register, combo = combo % len(REGISTERS), combo // len(REGISTERS)
-    tempo, combo = combo % len(TEMPOS), combo // len(TEMPOS)
+    combo = index % (len(COLOURS) * len(SHADES) * len(INSTRUMENTS) * len(MOODS))
+    colour, combo = combo % len(COLOURS), combo // len(COLOURS)
+    shade, combo = combo % len(SHADES), combo // len(SHADES)
     instrument, mood = combo % len(INSTRUMENTS), combo // len(INSTRUMENTS)
     template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
     word = MOODS[mood][1][rng.integers(len(MOODS[mood][1]))]
     caption = template.format(mood=word, instrument=INSTRUMENTS[instrument][0])
-    return SyntheticItem(register, tempo, instrument, mood, caption)
+    return SyntheticItem(colour, shade, instrument, mood, caption)
 
 
 def render_image(item: SyntheticItem, size: int, rng: np.random.Generator) -> Image.Image:
-    """A field of the register's hue at the tempo's brightness, with 1-3 discs of a paler tint on it."""
-    hue = (REGISTERS[item.register][1] + rng.uniform(-0.025, 0.025)) % 1.0
-    value = TEMPOS[item.tempo][1] + rng.uniform(-0.04, 0.04)
+    """A field of the item's colour at its shade, with 1-3 discs of a paler tint on it."""
+    hue = (COLOURS[item.colour][1] + rng.uniform(-0.025, 0.025)) % 1.0
+    value = SHADES[item.shade][1] + rng.uniform(-0.04, 0.04)
     yy, xx = np.mgrid[0:size, 0:size]
     sat = np.full((size, size), 0.85)
     val = np.full((size, size), value)
@@ -161,7 +183,7 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
 
     Each manifest row has the standard columns ``captions``, ``location`` and ``img_path`` (relative paths)
     plus the ground truth: ``register``, ``pitch_hz``, ``tempo``, ``notes_per_second``, ``instrument``,
-    ``mood``. ``attributes.json`` beside it lists the classes. Item ``i`` (counting from ``start``) has
+    ``mood``, and the picture's ``colour`` and ``shade``. ``attributes.json`` beside it lists the classes. Item ``i`` (counting from ``start``) has
     combination ``i % 48``, so any 48 consecutive items cover every combination once; use a different
     ``seed`` (and ``start``) for a held-out set. Returns the manifest path.
     """
@@ -185,8 +207,12 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
         render_image(item, image_size, rng).save(folder / image, format="PNG")
         row = {"captions": item.caption, "location": audio, "img_path": image, **item.labels()}
         lines.append(json.dumps(row) + "\n")
-    classes = {"register": [{"name": c, "hue": h, "pitch_hz": p} for c, h, p in REGISTERS],
-               "tempo": [{"name": c, "value": v, "notes_per_second": r} for c, v, r in TEMPOS],
+    classes = {"register": [{"name": c, "shade": SHADES[i][0], "value": SHADES[i][1], "pitch_hz": p}
+                            for i, (c, p) in enumerate(REGISTERS)],
+               "tempo": [{"name": c, "notes_per_second": r,
+                          "colours": [COLOURS[k][0] for k, v in enumerate(TEMPO_OF_COLOUR) if v == i]}
+                         for i, (c, r) in enumerate(TEMPOS)],
+               "colour": [{"name": c, "hue": h} for c, h in COLOURS],
                "instrument": [{"name": c, "harmonics": list(h)} for c, h in INSTRUMENTS],
                "mood": [{"name": c, "words": list(w), "gate": g} for c, w, g, _ in MOODS],
                "image_attributes": list(IMAGE_ATTRIBUTES), "text_attributes": list(TEXT_ATTRIBUTES),
@@ -218,7 +244,7 @@ class AttributeReading:
 
 
 def _nearest_register(pitch: float) -> int:
-    return int(np.argmin([abs(np.log2(pitch / p)) for _, _, p in REGISTERS]))
+    return int(np.argmin([abs(np.log2(pitch / p)) for _, p in REGISTERS]))
 
 
 def _harmonic_profile(y: np.ndarray, sr: int, pitch: float) -> np.ndarray:
@@ -272,9 +298,9 @@ def read_attributes(waveform: np.ndarray, sample_rate: int) -> AttributeReading:
         if onset.size <= lag + 10:
             return 0.0
         return max(float(np.dot(onset[:-k], onset[k:]) / (onset.size - k)) for k in (lag - 1, lag, lag + 1))
-    fast, slow = similarity(1 / TEMPOS[1][2]), similarity(1 / TEMPOS[0][2])
+    fast, slow = similarity(1 / TEMPOS[1][1]), similarity(1 / TEMPOS[0][1])
     tempo = 1 if fast > 0.5 * max(slow, 1e-12) else 0
-    rate = TEMPOS[tempo][2]
+    rate = TEMPOS[tempo][1]
     # mood: how much of the time the envelope stays near its peak (legato notes fill their beat)
     active = np.flatnonzero(rms > 0.05 * rms.max())
     span = rms[active[0]: active[-1] + 1]
@@ -292,7 +318,7 @@ def attribute_accuracy(readings: Sequence[AttributeReading], truth: Sequence[Syn
     """Fraction of clips whose measured class equals the ground truth, per attribute (unread counts as wrong)."""
     if len(readings) != len(truth) or not readings:
         raise ValueError(f"readings, truth: expected equal non-zero lengths, got {len(readings)} and {len(truth)}")
-    names = {"register": [c for c, _, _ in REGISTERS], "tempo": [c for c, _, _ in TEMPOS],
+    names = {"register": [c for c, _ in REGISTERS], "tempo": [c for c, _ in TEMPOS],
              "instrument": [c for c, _ in INSTRUMENTS], "mood": [c for c, _, _, _ in MOODS]}
     out = {}
     for attr in ATTRIBUTES:

@@ -75,7 +75,8 @@ def mel_band_embedding(waveform: np.ndarray, sample_rate: int, bands: int = 16) 
 
 
 def score_synthetic(model, manifest: str | Path, *, limit: int | None = None, num_inference_steps: int | None = None,
-                    guidance_scale: float | None = None, batch_size: int = 16, seed: int = 0,
+                    guidance_scale: float | None = None, image_guidance_scale: float | None = None,
+                    batch_size: int = 16, seed: int = 0,
                     alpha: float | None = None, swap_images: bool = False, text: str | None = None,
                     progress: bool = True) -> SyntheticScore:
     """Generate one clip per manifest row and score it (see the module doc)."""
@@ -104,6 +105,7 @@ def score_synthetic(model, manifest: str | Path, *, limit: int | None = None, nu
             stop = min(start + batch_size, len(rows))
             out = model.generate(image=images[start:stop] if use_image else None, text=captions[start:stop],
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                 image_guidance_scale=image_guidance_scale if use_image else None,
                                  seed=seed + start, progress=False)
             for wave in out.waveforms:
                 readings.append(read_attributes(wave, out.sample_rate))

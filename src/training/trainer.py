@@ -336,6 +336,9 @@ class Trainer:
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         fs = self.model.feature_source
         images = images.to(self.device)
+        cap = self.model.config.synapse.image_timestep_max
+        if cap is not None:  # as in generation: image features from no later than the cap (docs/mini.md)
+            timesteps = timesteps.clamp(max=cap)
         with torch.no_grad():
             if self.config.image_features == "noised":
                 z = torch.cat(self._cached_many("latents", images))
@@ -344,7 +347,10 @@ class Trainer:
                 x = fs.add_noise(z, timesteps, noise)
                 return fs.features_at(x, timesteps)
             grid = self.inversion_grid
-            index = (grid[None, :] - timesteps.cpu()[:, None]).abs().argmin(dim=1)
+            distance = (grid[None, :] - timesteps.cpu()[:, None]).abs().float()
+            if cap is not None and bool((grid <= cap).any()):
+                distance[:, grid > cap] = float("inf")  # the grid points generation would use
+            index = distance.argmin(dim=1)
             t_grid = grid[index]
             x = torch.stack([traj[int(index[i])] for i, traj in enumerate(self._cached_many("inversion", images))])
             return fs.features_at(x.to(self.device), t_grid.to(self.device))
