@@ -26,7 +26,7 @@ demo: $(STAMP)
 		--text "a calm flute melody" --out $(OUT)/demo.wav --spectrogram $(OUT)/demo.png
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n 2
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

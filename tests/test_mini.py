@@ -42,8 +42,9 @@ def heldout(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scores(mini, heldout):
     common = dict(num_inference_steps=STEPS, batch_size=48, progress=False)
+    # alpha forced to 0 is scored in tests/test_mini_alpha0.py, so that pytest-xdist (--dist loadfile) runs
+    # it on the other worker
     return {"both": score_synthetic(mini, heldout, **common),
-            "alpha 0": score_synthetic(mini, heldout, alpha=0.0, **common),
             "shuffled": score_synthetic(mini, heldout, swap_images=True, **common)}
 
 
@@ -91,12 +92,11 @@ def test_a_missing_shipped_model_names_the_fix(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("attribute", ["register", "tempo"])
 def test_the_image_only_attributes_follow_the_image(mini, scores, attribute):
-    """Well above chance with the synapse; about chance with alpha forced to 0 or the pictures shuffled, and
-    then the music follows the picture it was given."""
-    both, forced, swapped = scores["both"], scores["alpha 0"], scores["shuffled"]
+    """Well above chance with the synapse; about chance with the pictures shuffled, and then the music follows
+    the picture it was given."""
+    both, swapped = scores["both"], scores["shuffled"]
     assert CHANCE[attribute] == 0.5
     assert both.accuracy[attribute] >= IMAGE_MIN, both.accuracy
-    assert forced.accuracy[attribute] <= CONTROL_MAX, forced.accuracy
     assert swapped.accuracy[attribute] <= CONTROL_MAX, swapped.accuracy
     assert swapped.accuracy_vs_image[attribute] >= IMAGE_MIN, swapped.accuracy_vs_image
 
