@@ -37,6 +37,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
+from .toy import check_positive_ints
+
 __all__ = [
     "COLOURS", "SHADES", "REGISTERS", "TEMPOS", "TEMPO_OF_COLOUR", "INSTRUMENTS", "MOODS", "ATTRIBUTES",
     "IMAGE_ATTRIBUTES", "TEXT_ATTRIBUTES",
@@ -187,9 +189,7 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
     combination ``i % 48``, so any 48 consecutive items cover every combination once; use a different
     ``seed`` (and ``start``) for a held-out set. Returns the manifest path.
     """
-    for name, value in (("n", n), ("sample_rate", sample_rate), ("image_size", image_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    check_positive_ints(n=n, sample_rate=sample_rate, image_size=image_size)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start: expected a non-negative integer, got {start!r}")
     if not isinstance(seconds, (int, float)) or not np.isfinite(seconds) or seconds < 0.5:

@@ -33,6 +33,13 @@ TOY_STYLES = (
 FORMATS = ("jsonl", "csv")
 
 
+def check_positive_ints(**values) -> None:
+    """Raise ``ValueError`` naming the first of ``values`` that is not a positive integer (bools refused)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
 def _envelope(style: str, t: np.ndarray, seconds: float) -> np.ndarray:
     fade = np.clip(np.minimum(t / 0.01, (seconds - t) / 0.01), 0.0, 1.0)  # 10 ms in and out, no clicks
     if "soft" in style:
@@ -81,9 +88,7 @@ def write_toy_manifest(folder: str | Path, *, n: int = 16, seconds: float = 1.0,
     """
     if format not in FORMATS:
         raise ValueError(f"format: expected 'jsonl' or 'csv', got {format!r}")
-    for name, value in (("n", n), ("sample_rate", sample_rate), ("image_size", image_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    check_positive_ints(n=n, sample_rate=sample_rate, image_size=image_size)
     if not isinstance(seconds, (int, float)) or not np.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"seconds: expected a positive number, got {seconds!r}")
     folder = Path(folder)
