@@ -8,6 +8,8 @@ import librosa
 import numpy as np
 import torch
 
+from ..dsp import mel_filterbank
+
 __all__ = ["MelFrontEnd"]
 
 
@@ -27,8 +29,8 @@ class MelFrontEnd:
         return int(round(seconds * self.sample_rate / self.hop_length))
 
     def mel_basis(self) -> np.ndarray:
-        return librosa.filters.mel(sr=self.sample_rate, n_fft=self.n_fft, n_mels=self.n_mels,
-                                   fmin=self.fmin, fmax=self.fmax)
+        # librosa.filters.mel's numbers, without importing librosa's numba-compiled core (melfusion.dsp)
+        return mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax)
 
     def __call__(self, waveform: np.ndarray) -> np.ndarray:
         """``(samples,)`` float waveform -> ``(frames, n_mels)`` log-mel magnitude."""

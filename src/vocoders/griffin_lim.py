@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import librosa
 import numpy as np
 import torch
 
 from ..datasets.mel import MelFrontEnd
+from ..dsp import griffin_lim
 from ..interfaces import Vocoder
 from ..registry import register
 
@@ -15,7 +15,8 @@ __all__ = ["GriffinLimVocoder"]
 
 @register("vocoder", "griffin_lim")
 class GriffinLimVocoder(Vocoder):
-    """Inverts AudioLDM-style log-mel spectrograms with librosa's Griffin-Lim."""
+    """Inverts AudioLDM-style log-mel spectrograms by Griffin-Lim (``melfusion.dsp.griffin_lim``, equal to
+    ``librosa.griffinlim`` with ``random_state=0``)."""
 
     def __init__(self, n_iter: int = 32, sample_rate: int = 16_000, hop_length: int = 160, n_mels: int = 64,
                  max_log_mel: float = 5.0, weights: bool = True, device=None, dtype=None):
@@ -40,8 +41,8 @@ class GriffinLimVocoder(Vocoder):
             mel_mag = np.exp(np.clip(m, np.log(fe.log_floor), self.max_log_mel)).T  # (mels, frames)
             # linear magnitude by the mel basis' pseudo-inverse (fast; no NNLS), then phase by Griffin-Lim
             linear = np.maximum(self._inverse_basis @ mel_mag, 0.0)
-            wav = librosa.griffinlim(linear, n_iter=self.n_iter, hop_length=fe.hop_length, win_length=fe.win_length,
-                                     n_fft=fe.n_fft, length=(m.shape[0] - 1) * fe.hop_length, random_state=0)
+            wav = griffin_lim(linear, self.n_iter, fe.n_fft, fe.hop_length, fe.win_length,
+                              length=(m.shape[0] - 1) * fe.hop_length, seed=0)
             wav = np.pad(wav, (0, fe.hop_length))  # n frames <-> n * hop samples
             out.append(wav.astype(np.float32))
         return torch.from_numpy(np.stack(out))
