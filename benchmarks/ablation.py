@@ -18,7 +18,8 @@ attributes read back from the generated audio and by the Frechet distance on a s
 every caption dropped (image only), and the decoder model with both; two controls on the decoder model
 (alpha forced to 0, pictures swapped between rows) show the image information travels through the synapse.
 
-Writes ``OUTPUT/results.json`` and ``OUTPUT/results.md`` (the tables). Re-running reuses finished variants.
+Writes ``OUTPUT/results.json``, ``OUTPUT/results.md`` (the tables) and ``OUTPUT/results.png`` (the same
+accuracies as bars). Re-running reuses finished variants.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 from melfusion.datasets.synthetic import ATTRIBUTES, CHANCE
+from melfusion.files import atomic_path, write_atomic
 from melfusion.metrics.synthetic import score_synthetic
 from melfusion.training.mini import MiniRecipe, train_mini
 
@@ -56,6 +58,69 @@ def _table(title: str, rows: list[tuple[str, dict]]) -> list[str]:
                               + ["FD (lower is better)"]) + " |"
     sep = "|" + "---|" * (len(ATTRIBUTES) + 2)
     return [f"**{title}**", "", head, sep] + [_row(n, s) for n, s in rows] + [""]
+
+
+def report(results: dict, music_steps: int, out: Path) -> str:
+    """Write ``out/results.md`` (Tables 2 and 4 and the controls) and ``out/results.png`` (the same
+    accuracies as bars, chance marked); return the markdown."""
+    n_rows = next(iter(results.values()))["both"]["n"] if results else 0
+    lines = [f"Held-out synthetic set ({n_rows} clips), {music_steps} music training steps per variant.", ""]
+    bars: list[tuple[str, dict]] = []
+    best = results.get("decoder-per-layer")
+    if best and "text-only" in results:
+        rows = [("text only (no synapse)", results["text-only"]["both"]),
+                ("image only (captions dropped)", best["image_only"]),
+                ("image + text", best["both"])]
+        lines += _table("Table 4: which cues the model gets", rows)
+        bars += rows
+    table2 = [(label, results[key]["both"]) for key, label in (
+        ("decoder-per-layer", "decoder taps, one alpha per layer"),
+        ("decoder-shared", "decoder taps, one shared alpha"),
+        ("encoder-per-layer", "encoder taps, one alpha per layer")) if key in results]
+    if table2:
+        lines += _table("Table 2: where the image features enter and how they are weighted", table2)
+        bars += table2[1:] if bars else table2
+    if best and "alpha_0" in best:
+        swapped = best["swapped"]
+        lines += _table("Controls on the decoder / per-layer model", [
+            ("image + text", best["both"]), ("alpha forced to 0", best["alpha_0"]),
+            ("pictures swapped between rows", swapped)])
+        bars += [("alpha forced to 0", best["alpha_0"]), ("pictures swapped", swapped)]
+        vs = swapped["accuracy_vs_image"]
+        lines += [f"With swapped pictures the generated register follows the picture: {100 * vs['register']:.0f} % "
+                  f"against the pictures' own register, tempo {100 * vs['tempo']:.0f} %.", ""]
+    text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.md", text)
+    if bars:
+        _plot(bars, out / "results.png", f"{n_rows} held-out clips, {music_steps} music training steps")
+    return text
+
+
+def _plot(bars: list[tuple[str, dict]], path: Path, subtitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(3.2 * len(ATTRIBUTES), 3.6), sharey=True)
+    colours = plt.get_cmap("tab10").colors
+    for ax, attribute in zip(axes, ATTRIBUTES, strict=True):
+        values = [100 * score["accuracy"][attribute] for _, score in bars]
+        ax.bar(range(len(bars)), values, color=[colours[i % 10] for i in range(len(bars))])
+        ax.axhline(100 * CHANCE[attribute], color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{attribute} (chance {100 * CHANCE[attribute]:.0f} %)", fontsize=10)
+        ax.set_xticks([])
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("recovered from the audio, %")
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=colours[i % 10]) for i in range(len(bars))],
+               [f"{name} (FD {score['fd']:.0f})" for name, score in bars], loc="lower center",
+               ncol=min(4, len(bars)), fontsize=8, frameon=False)
+    fig.suptitle(f"MeLFusion ablations on the synthetic world: {subtitle}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,32 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["alpha_0"] = score_synthetic(model, heldout, alpha=0.0, **common).as_dict()
                 entry["swapped"] = score_synthetic(model, heldout, swap_images=True, **common).as_dict()
         results[name] = entry
-        results_path.write_text(json.dumps(results, indent=2))
-    n_rows = next(iter(results.values()))["both"]["n"] if results else 0
-    lines = [f"Held-out synthetic set ({n_rows} clips), {args.music_steps} music training steps per variant.", ""]
-    best = results.get("decoder-per-layer")
-    if best and "text-only" in results:
-        lines += _table("Table 4: which cues the model gets", [
-            ("text only (no synapse)", results["text-only"]["both"]),
-            ("image only (captions dropped)", best["image_only"]),
-            ("image + text", best["both"]),
-        ])
-    table2 = [(label, results[key]["both"]) for key, label in (
-        ("decoder-per-layer", "decoder taps, one alpha per layer"),
-        ("decoder-shared", "decoder taps, one shared alpha"),
-        ("encoder-per-layer", "encoder taps, one alpha per layer")) if key in results]
-    if table2:
-        lines += _table("Table 2: where the image features enter and how they are weighted", table2)
-    if best and "alpha_0" in best:
-        swapped = best["swapped"]
-        lines += _table("Controls on the decoder / per-layer model", [
-            ("image + text", best["both"]), ("alpha forced to 0", best["alpha_0"]),
-            ("pictures swapped between rows", swapped)])
-        vs = swapped["accuracy_vs_image"]
-        lines += [f"With swapped pictures the generated register follows the picture: {100 * vs['register']:.0f} % "
-                  f"against the pictures' own register, tempo {100 * vs['tempo']:.0f} %.", ""]
-    (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        write_atomic(results_path, json.dumps(results, indent=2))
+    print(report(results, args.music_steps, out))
     return 0
 
 
