@@ -134,8 +134,11 @@ class MelFusion:
     def build_synapse(config: MelFusionConfig, feature_source, denoiser, codec) -> Synapse:
         syn = config.synapse
         fs_unet, music_unet = feature_source.unet, denoiser.unet
-        image_names = syn.image_layers or feature_source.layer_names
+        image_names = list(syn.image_layers or feature_source.layer_names)
         music_names = syn.music_layers or denoiser.layer_names
+        # the feature source must capture exactly the layers the synapse reads (e.g. encoder taps): before
+        # this it kept its default decoder layers and the synapse found none of its own, a silent no-op
+        feature_source.layer_names = image_names
         latent = feature_source.latent_size
         image_layers = probe_layers(fs_unet, image_names, syn.image_attention,
                                     (fs_unet.config.in_channels, latent, latent))

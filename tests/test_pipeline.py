@@ -101,3 +101,33 @@ def test_feature_source_trajectory_modes(tiny_model):
         fs.trajectory(latents, [1], mode="forward")
     with pytest.raises(ValueError, match="timesteps"):
         fs.trajectory(latents, [1000])
+
+
+def test_encoder_taps_reach_the_music():
+    """synapse.image_layers other than the feature source's default (here encoder taps) are captured and
+    change the music; they used to be dropped silently, which made the encoder ablation a text-only model."""
+    import melfusion as mf
+
+    syn = {"mixer": {"name": "convex", "params": {"init": 0.5}}, "aligner": {"name": "pool"},
+           "image_layers": ["down_blocks.0.attentions.0"], "music_layers": ["down_blocks.2.attentions.0"]}
+    torch.manual_seed(0)
+    model = mf.MelFusion.from_config(mf.MelFusionConfig.preset("tiny", synapse=syn))
+    assert model.feature_source.layer_names == ["down_blocks.0.attentions.0"]
+    image = Image.new("RGB", (64, 64), (200, 120, 40))
+
+    def run(alpha):
+        with torch.no_grad():
+            model.synapse.mixer.alpha.fill_(alpha)
+        return np.asarray(model.generate(image=image, text="a flute", num_inference_steps=3, seed=0).waveforms)
+
+    assert np.abs(run(5.0) - run(-5.0)).max() > 1e-4
+
+
+def test_synapse_refuses_features_without_its_layers(tiny_model):
+    from melfusion.synapse.features import FeatureCache
+
+    cache = FeatureCache()
+    k = torch.zeros(1, 4, 16, 8)
+    cache.add(10, {"not.a.synapse.layer": (k, k)})
+    with pytest.raises(ValueError, match="lack the synapse's image layers"):
+        tiny_model.synapse.align(cache, tokens=8)

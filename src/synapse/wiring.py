@@ -162,6 +162,11 @@ class Synapse(nn.Module):
         out = FeatureCache()
         for t in cache.timesteps:
             step = cache.at(t)
+            absent = [name for name in index if name not in step]
+            if step and absent:
+                raise ValueError(f"cache: the image features at t={t} lack the synapse's image layers {absent} "
+                                 f"(captured: {sorted(step)}); the feature source must capture the layers "
+                                 "that synapse.image_layers names")
             aligned = {}
             for name, (k, v) in step.items():
                 if name not in index:
