@@ -12,6 +12,8 @@ overlap-added frames by the overlap-added squared window wherever that sum is no
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 __all__ = ["griffin_lim", "istft", "mel_filterbank", "stft"]
@@ -55,13 +57,31 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
     return (weights * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
 
 
+@lru_cache(maxsize=16)
 def _window(win_length: int, n_fft: int) -> np.ndarray:
+    """The periodic Hann window centred in ``n_fft`` (read-only: cached, as Griffin-Lim asks for it twice
+    per iteration)."""
     if not 0 < win_length <= n_fft:
         raise ValueError(f"win_length: expected 1..n_fft ({n_fft}), got {win_length}")
     n = np.arange(win_length)
     hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / win_length)  # periodic ("fftbins")
     left = (n_fft - win_length) // 2
-    return np.pad(hann, (left, n_fft - win_length - left))
+    window = np.pad(hann, (left, n_fft - win_length - left))
+    window.flags.writeable = False
+    return window
+
+
+@lru_cache(maxsize=16)
+def _window_sum(win_length: int, n_fft: int, hop_length: int, n_frames: int, size: int, dtype: np.dtype) -> np.ndarray:
+    """The overlap-added squared window over ``n_frames`` frames, trimmed like the signal (read-only)."""
+    square = (_window(win_length, n_fft) ** 2).astype(dtype)
+    total = n_fft + hop_length * (n_frames - 1)
+    norm = np.zeros(total, dtype=dtype)
+    for i in range(n_frames):
+        norm[i * hop_length:i * hop_length + n_fft] += square
+    norm = _fit(norm[n_fft // 2:], size)
+    norm.flags.writeable = False
+    return norm
 
 
 def stft(y: np.ndarray, n_fft: int, hop_length: int, win_length: int | None = None) -> np.ndarray:
@@ -80,22 +100,23 @@ def stft(y: np.ndarray, n_fft: int, hop_length: int, win_length: int | None = No
 def istft(spectrum: np.ndarray, n_fft: int, hop_length: int, win_length: int | None = None,
           length: int | None = None) -> np.ndarray:
     """Inverse of :func:`stft` by windowed overlap-add, ``length`` samples long if given."""
-    window = _window(win_length or n_fft, n_fft)
+    spectrum = np.asarray(spectrum)
+    if spectrum.ndim != 2 or spectrum.shape[0] != 1 + n_fft // 2:
+        raise ValueError(f"spectrum: expected (1 + n_fft // 2 = {1 + n_fft // 2}, frames), got {spectrum.shape}")
+    win_length = win_length or n_fft
+    window = _window(win_length, n_fft)
     n_frames = spectrum.shape[-1]
     if length:
         n_frames = min(n_frames, int(np.ceil((length + 2 * (n_fft // 2)) / hop_length)))
     frames = np.fft.irfft(spectrum[:, :n_frames], n=n_fft, axis=0).T * window  # (frames, n_fft)
     total = n_fft + hop_length * (n_frames - 1)
     signal = np.zeros(total, dtype=frames.dtype)
-    norm = np.zeros(total, dtype=frames.dtype)
-    square = window**2
     for i in range(n_frames):
         signal[i * hop_length:i * hop_length + n_fft] += frames[i]
-        norm[i * hop_length:i * hop_length + n_fft] += square
     start = n_fft // 2
     size = length if length else total - 2 * start
     signal = _fit(signal[start:], size)
-    norm = _fit(norm[start:], size)
+    norm = _window_sum(win_length, n_fft, hop_length, n_frames, size, signal.dtype)
     ok = norm > np.finfo(norm.dtype).tiny
     signal[ok] /= norm[ok]
     return signal
@@ -119,6 +140,9 @@ def griffin_lim(magnitude: np.ndarray, n_iter: int, n_fft: int, hop_length: int,
     if momentum < 0:
         raise ValueError(f"momentum: expected >= 0, got {momentum}")
     magnitude = np.asarray(magnitude)
+    if magnitude.ndim != 2 or magnitude.shape[0] != 1 + n_fft // 2:
+        raise ValueError(f"magnitude: expected (1 + n_fft // 2 = {1 + n_fft // 2}, frames), got {magnitude.shape}")
+    magnitude = magnitude.astype(np.result_type(magnitude.dtype, np.float32), copy=False)  # ints: float64
     rng = np.random.RandomState(seed)
     phase = np.exp(1j * 2 * np.pi * rng.random_sample(size=magnitude.shape))
     estimate = magnitude * phase

@@ -90,6 +90,18 @@ def test_griffin_lim_rejects_bad_arguments(bad, match):
         dsp.griffin_lim(np.ones((513, 8)), n_fft=1024, hop_length=256, **kwargs)
 
 
+def test_griffin_lim_and_istft_name_a_spectrum_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="magnitude: expected"):
+        dsp.griffin_lim(np.ones((512, 8)), n_iter=2, n_fft=1024, hop_length=256)
+    with pytest.raises(ValueError, match="spectrum: expected"):
+        dsp.istft(np.ones((513, 8, 2)), 1024, 256)
+
+
+def test_griffin_lim_takes_integer_magnitudes():
+    ints = np.ones((129, 6), dtype=np.int64)
+    np.testing.assert_array_equal(dsp.griffin_lim(ints, 2, 256, 64), dsp.griffin_lim(ints.astype(float), 2, 256, 64))
+
+
 def test_stft_rejects_bad_input():
     with pytest.raises(ValueError, match="y: expected a 1-D"):
         dsp.stft(np.zeros((2, 100)), 256, 64)
