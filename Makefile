@@ -28,7 +28,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/melfusion generate --image examples/images/blue-bright.png \
-		--text "a calm flute melody" --out $(OUT)/demo.wav --spectrogram $(OUT)/demo.png
+		--text "a calm flute melody" --out $(OUT)/demo.wav --spectrogram $(OUT)/demo.png --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile

@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     model = train_mini(args.output, recipe)
     print(f"trained {model} in {(time.perf_counter() - start) / 60:.1f} min")
     if args.install:
-        if SHIPPED.exists():
-            shutil.rmtree(SHIPPED)
-        shutil.copytree(model, SHIPPED)
+        from melfusion.files import replace_folder
+        from melfusion.pipeline import is_model_entry
+
+        with replace_folder(SHIPPED, "--install", owned=is_model_entry) as tmp:  # swapped in whole
+            shutil.copytree(model, tmp, dirs_exist_ok=True)
         print(f"installed into {SHIPPED}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,32 +47,41 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from .config import MelFusionConfig
+    from .files import check_output
     from .images import open_image
-    from .pipeline import MelFusion
+    from .pipeline import AUDIO_SUFFIXES, MelFusion, output_paths
 
     image = open_image(args.image, "--image")  # fails early, before any model is built
+    inputs = [args.image, args.config]
+    # every output is checked before any work: a folder, a wrong suffix, an input or (without --overwrite)
+    # an existing file is refused now, not after the generation
+    count = args.num_samples if args.num_samples is not None and 0 < args.num_samples <= 4096 else 1
+    outs = [check_output(p, "--out", overwrite=args.overwrite, inputs=inputs, suffixes=AUDIO_SUFFIXES)
+            for p in output_paths(args.out, count)]
+    spectrogram = args.spectrogram or str(Path(args.out).with_suffix(".png"))
+    check_output(spectrogram, "--spectrogram", overwrite=args.overwrite, inputs=inputs + [str(p) for p in outs],
+                 suffixes=(".png",))
     dtype = _dtype(args.dtype)
     start = time.perf_counter()
     if args.model or not (args.preset or args.config):
         # no model, preset or config: the shipped mini model (docs/mini.md)
         model = MelFusion.from_pretrained(args.model or "mini", device=args.device, dtype=dtype)
-        cfg = model.config
     else:
         cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
-        model = None
         print(f"note: --{'preset' if args.preset else 'config'} builds {cfg.name or 'the model'} with random or "
               "pretrained-hub weights, as its config says; leave it out to use the shipped trained model.",
               file=sys.stderr)
-    if model is None:
         model = MelFusion.from_config(cfg, device=args.device, dtype=dtype)
+    if args.num_samples is None and model.config.sampling.num_samples != 1:  # the config's count: check again
+        for p in output_paths(args.out, model.config.sampling.num_samples):
+            check_output(p, "--out", overwrite=args.overwrite, inputs=inputs, suffixes=AUDIO_SUFFIXES)
     out = model.generate(
         image=image, text=args.text, num_inference_steps=args.steps, guidance_scale=args.guidance,
         image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
         num_samples=args.num_samples, seed=args.seed, image_steps=args.image_steps,
     )
-    paths = out.save(args.out)
-    spectrogram = args.spectrogram or str(Path(args.out).with_suffix(".png"))
-    out.save_spectrogram(spectrogram)
+    paths = out.save(args.out, overwrite=args.overwrite)
+    out.save_spectrogram(spectrogram, overwrite=args.overwrite)
     took = time.perf_counter() - start
     for p in paths:
         print(f"wrote {p} ({out.waveforms.shape[-1] / out.sample_rate:.2f} s at {out.sample_rate} Hz)")
@@ -139,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
     g.add_argument("--spectrogram", default=None, help="spectrogram PNG path (default: OUT with .png)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (never an input file); without it they are refused")
     g.set_defaults(func=_generate)
 
     t = sub.add_parser("train", help="train the synapse (and the music UNet) on image-text-music triplets")
@@ -165,12 +177,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI. Exit status: 0 done, 1 a training stopped on a NaN loss or an internal error (a bug),
+    2 bad input or an expected failure (one line on stderr naming the argument or file), 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"melfusion {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"melfusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one error boundary: every failure is one line, never a traceback
+        code, line = describe_error(exc)
+        print(f"melfusion {args.command}: {line}", file=sys.stderr)
+        if code == 1 and os.environ.get("MELFUSION_TRACEBACK"):
+            raise
+        return code
+
+
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """``(exit status, one line)`` for an exception reaching the CLI: 2 for expected failures, 1 for bugs."""
+    from .config import ValidationError, validation_message
+
+    if isinstance(exc, ValidationError):
+        return 2, f"error: {validation_message(exc)}"
+    text = " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
+    if len(text) > 400:
+        text = text[:397] + "..."
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return 2, f"error: out of memory ({text}); try fewer samples, a shorter clip or a smaller model"
+    if isinstance(exc, (ValueError, OSError, OverflowError, _yaml_error(), _bomb_error())):
+        return 2, f"error: {text}"
+    if isinstance(exc, ImportError):
+        return 2, f"error: a dependency is missing ({text})"
+    return 1, (f"internal error: {type(exc).__name__}: {text} (this is a bug; set MELFUSION_TRACEBACK=1 "
+               "to see the traceback)")
+
+
+def _yaml_error() -> type:
+    import yaml
+
+    return yaml.YAMLError
+
+
+def _bomb_error() -> type:
+    from PIL import Image
+
+    return Image.DecompressionBombError
 
 
 if __name__ == "__main__":

@@ -33,10 +33,12 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    ValidationError,
     field_validator,
     model_validator,
 )
 
+from .checks import check_finite_params
 from .registry import registry
 
 __all__ = [
@@ -63,7 +65,9 @@ _SUPPLIED = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # NaN and infinities are refused in every float field (a guidance of .inf or seconds of .nan would pass
+    # ``ge``/``gt`` checks and end in NaN audio or an endless allocation)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 def _ensure_builtin_parts() -> None:
@@ -89,6 +93,17 @@ def _accepted_params(factory: Any) -> tuple[set[str], bool]:
     return names, var_kw
 
 
+def _required_params(factory: Any) -> set[str]:
+    """Names a factory needs (keyword-passable parameters without a default)."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in sig.parameters.values() if p.name != "self" and p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 class PartConfig(_Strict):
     """A part chosen by registry ``name`` and built with keyword ``params``."""
 
@@ -100,6 +115,7 @@ class PartConfig(_Strict):
     def _check_part(self) -> PartConfig:
         _ensure_builtin_parts()
         factory = registry(self.kind).get(self.name)  # raises with the known names
+        check_finite_params(self.params, "params")
         supplied = _SUPPLIED.get(self.kind, set())
         taken = sorted(set(self.params) & supplied)
         if taken:
@@ -113,6 +129,10 @@ class PartConfig(_Strict):
         return self
 
     def build(self, **supplied: Any) -> Any:
+        missing = sorted(_required_params(registry(self.kind).get(self.name)) - set(self.params) - set(supplied))
+        if missing:  # a config that leaves a part's required parameters out: named here, not a TypeError inside
+            raise ValueError(f"{self.kind}.params: {self.kind} {self.name!r} needs {missing}; the config gives "
+                             f"{sorted(self.params) or 'none'}")
         return registry(self.kind).build(self.name, **self.params, **supplied)
 
 
@@ -253,18 +273,55 @@ class MelFusionConfig(_Strict):
         return cls.model_validate(data)
 
     def save(self, path: str | Path) -> Path:
+        from .files import write_atomic
+
         path = Path(path)
         text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
-        path.write_text(text)
-        return path
+        return write_atomic(path, text)
 
     @classmethod
-    def load(cls, path: str | Path) -> MelFusionConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config: no such file {str(path)!r}")
-        text = path.read_text()
-        return cls.from_yaml(text) if path.suffix in (".yaml", ".yml") else cls.from_json(text)
+    def load(cls, path: str | Path, name: str = "config") -> MelFusionConfig:
+        """Read a config file (``.yaml``/``.yml`` or JSON); any problem is one ``ValueError`` naming the file."""
+        return load_config_file(cls, path, name)
+
+
+def load_config_file(model: type[BaseModel], path: str | Path, name: str = "config") -> Any:
+    """``model`` validated from a YAML or JSON file; a ``ValueError`` naming ``name``, the file and the field."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder, not a config file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no such file {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: {str(path)!r} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        where = str(exc).replace("\n", " ")
+        raise ValueError(f"{name}: {str(path)!r} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({where})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"{name}: {str(path)!r}: {validation_message(exc)}") from None
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``field.path: message`` for each error (three at most)."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "config"
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if "input" in err and _short(err["input"]) else ""))
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) and len(repr(value)) <= 60
 
 
 # ---------------------------------------------------------------------------------------------

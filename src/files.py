@@ -1,22 +1,101 @@
-"""Writing files so that a reader never sees half of one: write beside it, then rename onto it."""
+"""Writing files and folders so that nothing a user owns is lost and a reader never sees half of one.
+
+The rules every writer in melfusion follows (README, "Output policy"):
+
+- a file is written beside its target and renamed onto it (:func:`atomic_path`), so a reader sees the old
+  file or the new one, and an interrupted write leaves the old one in place;
+- a folder (a saved model, a checkpoint) is written beside its target and swapped in
+  (:func:`replace_folder`), so at every instant the target holds a complete old or new folder; a target
+  holding files the writer does not own is refused with their names, never deleted;
+- an existing output file is replaced only when the caller says so, and an input is never an output
+  (:func:`check_output`);
+- files and folders get the modes the user's umask gives (``mkstemp``/``mkdtemp`` would give 0600/0700).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import secrets
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_atomic"]
+__all__ = ["atomic_path", "write_atomic", "check_output", "replace_folder", "clean_leftovers", "same_file",
+           "apply_umask", "OutputExistsError"]
+
+
+class OutputExistsError(FileExistsError):
+    """An output path exists and the caller did not allow replacing it."""
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would race with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: str | os.PathLike, *, folder: bool | None = None) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have (0666 or 0777 less the umask)."""
+    path = Path(path)
+    is_dir = path.is_dir() if folder is None else folder
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (the same inode, or the same resolved path when one is missing)."""
+    a, b = Path(a), Path(b)
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_output(path: str | os.PathLike, name: str, *, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike | None] = (), suffixes: Iterable[str] | None = None) -> Path:
+    """``path`` as a safe output file for argument ``name``, or a clear error before any work is done.
+
+    Refused: a folder; a suffix not in ``suffixes`` (lower case, with the dot); one of ``inputs`` (never,
+    even with ``overwrite``); an existing file unless ``overwrite``; a parent that is a file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder; give a file path")
+    if suffixes is not None:
+        allowed = sorted(suffixes)
+        if path.suffix.lower() not in allowed:
+            got = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+            raise ValueError(f"{name}: {str(path)!r} has {got}; expected one of {', '.join(allowed)}")
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            raise ValueError(f"{name}: {str(path)!r} is an input of this call; an input is never overwritten")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name}: {str(parent)!r} is a file, so {str(path)!r} cannot be written")
+            break
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{name}: {str(path)!r} already exists; choose another path or allow "
+                                "overwriting (--overwrite, or overwrite=True)")
+    return path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path in ``path``'s folder; moved onto ``path`` when the block ends, removed if it fails.
 
-    ``os.replace`` is atomic on one filesystem: readers see the old file or
-    the new one, and an interrupted write leaves the old file in place.
+    ``os.replace`` is atomic on one filesystem: readers see the old file or the new one, and an interrupted
+    write leaves the old file in place. The new file gets the user's umask, not ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +103,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        apply_umask(tmp, folder=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,3 +119,136 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, fsync: bool = Fa
             f.flush()
             os.fsync(f.fileno())
     return Path(path)
+
+
+# -- folders ---------------------------------------------------------------------------------------------
+_TMP_TAG = "melfusion-tmp"
+
+
+def _tmp_name(target: Path) -> Path:
+    # the pid in the name tells a later save whether the writer is still alive (see clean_leftovers)
+    return target.with_name(f".{target.name}.{_TMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _leftovers(target: Path) -> list[Path]:
+    if not target.parent.is_dir():
+        return []
+    return sorted(target.parent.glob(f".{glob_escape(target.name)}.{_TMP_TAG}-*"))
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that killed writes of ``target`` left beside it; returns what was removed.
+
+    Only folders named by :func:`replace_folder` for this target (``.NAME.melfusion-tmp-PID-XXXX``) whose
+    writing process is gone are removed. Where a killed swap left no target at all (the two-rename
+    fallback on systems without an atomic exchange), the newest complete leftover is put back first.
+    """
+    target = Path(target)
+    removed = []
+    for tmp in _leftovers(target):
+        try:
+            pid = int(tmp.name.rsplit(f"{_TMP_TAG}-", 1)[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        if _pid_alive(pid):
+            continue
+        if not target.exists() and (tmp / _COMPLETE).is_file():
+            os.replace(tmp, target)
+            (target / _COMPLETE).unlink(missing_ok=True)
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+_COMPLETE = ".melfusion-complete"  # only in a fallback swap's folders, and only for an instant
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def replace_folder(target: str | os.PathLike, name: str, *,
+                   owned: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Write a folder in a temporary sibling, then swap it in as ``target``.
+
+    Yields the temporary folder to fill. At every instant ``target`` is either the complete old folder or
+    the complete new one (an atomic exchange on Linux; elsewhere two renames, which a later call repairs).
+    ``target`` may be missing, an empty folder, or a folder whose every entry ``owned(entry)`` accepts;
+    a file, or a folder holding anything else, is refused (``ValueError`` naming ``name`` and the entries)
+    before anything is written. Leftovers of killed writes are removed first (:func:`clean_leftovers`).
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{name}: {str(target)!r} is a file; give a folder path (it is never replaced)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(target)
+    if target.is_dir():
+        foreign = [p.name for p in sorted(target.iterdir()) if owned is None or not owned(p)]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ValueError(f"{name}: {str(target)!r} holds files melfusion did not write ({shown}); "
+                             "nothing was changed: choose an empty or new folder")
+    tmp, old = _tmp_name(target), _tmp_name(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _set_modes(tmp)
+        if target.exists():
+            if _exchange(tmp, target):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+                return
+            (tmp / _COMPLETE).touch()
+            target.rename(old)
+            tmp.rename(target)
+            (target / _COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        if not target.exists() and old.is_dir():
+            old.rename(target)  # a failed fallback swap: the old folder goes back
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _set_modes(folder: Path) -> None:
+    apply_umask(folder, folder=True)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            apply_umask(Path(root) / d, folder=True)
+        for f in files:
+            apply_umask(Path(root) / f, folder=False)

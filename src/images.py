@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,18 +21,36 @@ MAX_PIXELS = 8192 * 8192
 def open_image(path: str | Path, name: str = "image") -> Image.Image:
     """An RGB PIL image from a file of any mode (EXIF rotation applied), or a clear ValueError."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder, not an image file")
     if not path.is_file():
         raise ValueError(f"{name}: no such file {str(path)!r}")
     if path.stat().st_size == 0:
         raise ValueError(f"{name}: file {str(path)!r} is empty")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ValueError(f"{name}: {str(path)!r} is {im.width}x{im.height}, over the {MAX_PIXELS} pixel limit")
-            im.load()
-            return to_rgb(ImageOps.exif_transpose(im))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            # PIL's own bomb check would warn, or raise before ours: the size is checked here, by name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _no_pil_limit(), Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ValueError(f"{name}: {str(path)!r} is {im.width}x{im.height}, over the "
+                                     f"{MAX_PIXELS} pixel limit")
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im))
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, EOFError,
+            struct.error, MemoryError) as exc:
         raise ValueError(f"{name}: cannot read {str(path)!r} as an image ({exc})") from None
+
+
+@contextlib.contextmanager
+def _no_pil_limit():
+    """PIL's bomb limit off while one file is opened (``open_image`` checks ``MAX_PIXELS`` itself, first)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -54,6 +75,10 @@ def _one(image: Any, name: str) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         image = open_image(image, name)
     if isinstance(image, Image.Image):
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"{name}: {image.width}x{image.height}, over the {MAX_PIXELS} pixel limit")
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"{name}: empty image ({image.width}x{image.height})")
         arr = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
         return torch.from_numpy(arr).permute(2, 0, 1)
     if isinstance(image, torch.Tensor):
@@ -62,9 +87,16 @@ def _one(image: Any, name: str) -> torch.Tensor:
             x = x[None]
         if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
             raise ValueError(f"{name}: expected a (3, H, W) tensor in [0, 1], got shape {tuple(image.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{name}: empty tensor of shape {tuple(image.shape)}")
+        if x.shape[-1] * x.shape[-2] > MAX_PIXELS:
+            raise ValueError(f"{name}: {x.shape[-1]}x{x.shape[-2]} pixels, over the {MAX_PIXELS} pixel limit")
         if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
             raise ValueError(f"{name}: tensor values must be finite and in [0, 1]")
-        return x[:3] if x.shape[0] != 1 else x.expand(3, -1, -1)
+        if x.shape[0] == 4:  # RGBA: composited on white, as a PIL image with alpha is
+            rgb, alpha = x[:3], x[3:]
+            return rgb * alpha + (1 - alpha)
+        return x if x.shape[0] == 3 else x.expand(3, -1, -1)
     raise ValueError(f"{name}: expected a path, a PIL image or a float tensor in [0, 1], got {type(image).__name__}")
 
 

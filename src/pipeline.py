@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from .backbones.loading import _is_hub_id
 from .backbones.text import check_texts
+from .checks import NonFiniteError, check_size, finite_float
 from .config import SCHEDULERS, MelFusionConfig
+from .files import atomic_path, check_output
 from .images import load_images
 from .synapse.features import FeatureCache, FeatureStore, tensor_digest
 from .synapse.install import SynapseHandle, install
@@ -63,24 +65,50 @@ class GenerationOutput:
     mel: np.ndarray
     texts: list[str] = field(default_factory=list)
 
-    def save(self, path: str | Path) -> list[Path]:
-        """Write WAV file(s): ``path`` for one sample, ``stem_i.wav`` for several."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> list[Path]:
+        """Write WAV (or FLAC/OGG, by suffix) file(s): ``path`` for one sample, ``stem_i.wav`` for several.
+
+        Each file is written beside its target and renamed onto it. An existing file is refused
+        (``FileExistsError``) unless ``overwrite``; nothing is written unless every target can be.
+        """
         import soundfile as sf
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        paths = [path] if len(self.waveforms) == 1 else [
-            path.with_name(f"{path.stem}_{i}{path.suffix or '.wav'}") for i in range(len(self.waveforms))
-        ]
+        paths = output_paths(path, len(self.waveforms))
+        for p in paths:
+            check_output(p, "path", overwrite=overwrite, suffixes=AUDIO_SUFFIXES)
+        if not np.isfinite(self.waveforms).all():
+            raise NonFiniteError("waveforms: NaN or infinite samples; nothing was written")
+        fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
         for p, wav in zip(paths, self.waveforms, strict=True):
-            sf.write(str(p), wav, self.sample_rate, subtype="PCM_16")
+            data = wav.T if wav.ndim == 2 else wav  # (channels, samples) -> soundfile's (samples, channels)
+            subtype = "VORBIS" if p.suffix.lower() == ".ogg" else "PCM_16"
+            try:
+                with atomic_path(p) as tmp:
+                    sf.write(str(tmp), data, self.sample_rate, subtype=subtype, format=fmt[p.suffix.lower()])
+            except (RuntimeError, sf.LibsndfileError) as exc:  # named by the target, not the temporary file
+                raise OSError(f"path: cannot write {str(p)!r} ({' '.join(str(exc).split())[:200]})") from None
         return paths
 
-    def save_spectrogram(self, path: str | Path, index: int = 0) -> Path:
+    def save_spectrogram(self, path: str | Path, index: int = 0, *, overwrite: bool = False) -> Path:
         """Write the mel spectrogram of sample ``index`` as a PNG (time left to right, low pitch at the bottom)."""
         from .plots import spectrogram_png
 
+        check_output(path, "path", overwrite=overwrite, suffixes=(".png",))
+        if not isinstance(index, (int, np.integer)) or not -len(self.mel) <= index < len(self.mel):
+            raise ValueError(f"index: expected a sample index below {len(self.mel)}, got {index!r}")
         return spectrogram_png(self.mel[index], path)
+
+
+#: the audio formats GenerationOutput.save writes, by suffix
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def output_paths(path: str | Path, count: int) -> list[Path]:
+    """The files :meth:`GenerationOutput.save` writes for ``count`` samples: ``path``, or ``stem_i.suffix``."""
+    path = Path(path)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix or '.wav'}") for i in range(count)]
 
 
 class MelFusion:
@@ -115,6 +143,7 @@ class MelFusion:
         """
         if isinstance(config, str):
             config = MelFusionConfig.preset(config)
+        device = check_device(device)
         common = dict(weights=weights, device=device, dtype=dtype)
         feature_source = config.feature_source.build(**common)
         denoiser = config.denoiser.build(**common)
@@ -162,49 +191,56 @@ class MelFusion:
         Frozen parts are referenced by the hub id or folder in the config
         (``pretrained``) and not copied; a frozen model that has no such
         reference (random or trained from scratch, as in the tiny preset) is
-        saved as ``<part>.<module>.safetensors``. Files are written to a
-        temporary folder first and moved into place, so an interrupted save
-        leaves an earlier save intact.
+        saved as ``<part>.<module>.safetensors``.
+
+        The folder is written beside ``path`` and swapped in whole, so at every
+        instant ``path`` holds the complete earlier model or the complete new
+        one, even if the process is killed (leftovers of a killed save are
+        removed by the next one). ``path`` may be new, an empty folder or an
+        earlier save; a file, or a folder holding anything else, is refused
+        (``ValueError`` naming what is there) and left untouched. Weights
+        holding NaN or infinities are refused before anything is written.
         """
         import json
-        import shutil
-        import tempfile
 
         from safetensors.torch import save_model
 
+        from .checks import check_finite_tensors
+        from .files import replace_folder
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        frozen = self._frozen_to_store()
+        check_finite_tensors(self.denoiser.unet.state_dict(), "model: the music UNet")
+        for (part_name, attr), module in frozen.items():
+            check_finite_tensors(module.state_dict(), f"model: {part_name}.{attr}")
+        if self.synapse is not None:
+            check_finite_tensors(self.synapse.state_dict(), "model: the synapse")
+        with replace_folder(path, "path", owned=is_model_entry) as tmp:
             self.config.save(tmp / self.CONFIG_NAME)
             self.denoiser.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             stored: dict[str, list[str]] = {}
-            for part_name in self.PARTS:
-                if part_name == "denoiser":
-                    continue
-                for attr, module in _frozen_modules(getattr(self, part_name)).items():
-                    if self._built_with_weights and _has_weights_reference(self.config, part_name, attr,
-                                                                           getattr(self, part_name)):
-                        continue
-                    save_model(module, str(tmp / f"{part_name}.{attr}.safetensors"))
-                    stored.setdefault(part_name, []).append(attr)
+            for (part_name, attr), module in frozen.items():
+                save_model(module, str(tmp / f"{part_name}.{attr}.safetensors"))
+                stored.setdefault(part_name, []).append(attr)
             if self.synapse is not None:
                 save_model(self.synapse, str(tmp / "synapse.safetensors"))
             index = {"format": "melfusion", "version": 1, "unet": "unet", "stored_frozen_modules": stored,
                      "synapse": "synapse.safetensors" if self.synapse is not None else None}
             (tmp / self.INDEX_NAME).write_text(json.dumps(index, indent=2))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
+
+    def _frozen_to_store(self) -> dict[tuple[str, str], torch.nn.Module]:
+        """The frozen modules that save_pretrained copies (those without a published-weights reference)."""
+        out = {}
+        for part_name in self.PARTS:
+            if part_name == "denoiser":
+                continue
+            part = getattr(self, part_name)
+            for attr, module in _frozen_modules(part).items():
+                if self._built_with_weights and _has_weights_reference(self.config, part_name, attr, part):
+                    continue
+                out[(part_name, attr)] = module
+        return out
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: Any = None, dtype: torch.dtype | None = None,
@@ -214,14 +250,18 @@ class MelFusion:
         import copy
         import json
 
-        from safetensors.torch import load_model
-
         folder = _resolve_model_folder(path, revision)
-        config = MelFusionConfig.load(folder / cls.CONFIG_NAME)
+        device = check_device(device)
         index_path = folder / cls.INDEX_NAME
         if not index_path.is_file():
             raise OSError(f"model: {str(folder)!r} has no {cls.INDEX_NAME}; was it written by save_pretrained?")
-        index = json.loads(index_path.read_text())
+        config = MelFusionConfig.load(folder / cls.CONFIG_NAME, name="model config")
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise OSError(f"model: {str(index_path)!r} is not valid JSON ({exc})") from None
+        if not isinstance(index, dict):
+            raise OSError(f"model: {str(index_path)!r} is not a melfusion weights index")
         stored = index.get("stored_frozen_modules", {})
         common = dict(device=device, dtype=dtype)
         parts = {}
@@ -232,7 +272,8 @@ class MelFusion:
                 spec = dict(params.get("unet") or {})
                 spec.update({"pretrained": str(folder), "subfolder": index.get("unet", "unet")})
                 params["unet"] = spec
-                parts[part_name] = part_cfg.model_copy(update={"params": params}).build(weights=True, **common)
+                parts[part_name] = _loading(folder / index.get("unet", "unet"),
+                                            part_cfg.model_copy(update={"params": params}), common)
                 continue
             saved = stored.get(part_name, [])
             part = part_cfg.build(weights=not saved, **common)
@@ -241,7 +282,7 @@ class MelFusion:
                 file = folder / f"{part_name}.{attr}.safetensors"
                 if not file.is_file():
                     raise OSError(f"model: missing weights file {str(file)!r}")
-                load_model(module, str(file), device=str(device or "cpu"))
+                _load_safetensors(module, file, device)
                 if dtype is not None:
                     module.to(dtype=dtype)
             parts[part_name] = part
@@ -251,7 +292,7 @@ class MelFusion:
             file = folder / (index.get("synapse") or "synapse.safetensors")
             if not file.is_file():
                 raise OSError(f"model: missing weights file {str(file)!r}")
-            load_model(synapse, str(file))
+            _load_safetensors(synapse, file, None)
             if device is not None:  # as from_config: the synapse stays float32, on the model's device
                 synapse = synapse.to(device)
         return cls(config, **parts, synapse=synapse)
@@ -318,16 +359,39 @@ class MelFusion:
             grids.append(hw)
         return tokens, grids
 
-    def latent_hw(self, seconds: float, name: str = "seconds") -> tuple[int, int]:
-        """``(frames, bins)`` of the music latent for ``seconds``, frames cut to a multiple the UNet can halve.
+    def latent_hw(self, seconds: float, name: str = "seconds", *, round_up: bool = False) -> tuple[int, int]:
+        """``(frames, bins)`` of the music latent for ``seconds``, frames cut (or, with ``round_up``, raised) to a
+        multiple the UNet can halve.
 
         A ``ValueError`` naming ``name`` when the clip is too short for one.
         """
-        height, width = music_latent_hw(self.config, self.codec, seconds)
-        height -= height % 2 ** (len(self.denoiser.unet.config.block_out_channels) - 1)  # the UNet's downsampling
+        height, width = music_latent_hw(self.config, self.codec, seconds, exact=round_up)
+        multiple = 2 ** (len(self.denoiser.unet.config.block_out_channels) - 1)  # the UNet's downsampling
+        height = -(-height // multiple) * multiple if round_up else height - height % multiple
         if height <= 0:
             raise ValueError(f"{name}: {seconds} s is too short for this model")
         return height, width
+
+    def check_memory(self, seconds: float, batch: int, branches: int, latent_hw: tuple[int, int]) -> None:
+        """Refuse, before anything is allocated, a generation whose estimated memory exceeds the device's.
+
+        The denoiser's batch is ``batch`` clips times ``branches`` guidance branches. The estimate counts the widest
+        UNet level's activations (about 16 tensors of the latent grid at the first level's width, alive at
+        once) and the audio (about 128 bytes per output sample for the vocoder's intermediates): a lower
+        bound of the real peak, so what it refuses would not have fitted.
+        """
+        height, width = latent_hw
+        rows = batch * branches
+        width0 = int(self.denoiser.unet.config.block_out_channels[0])
+        activations = rows * height * width * width0 * 4 * 16
+        audio = batch * int(seconds * self.sample_rate) * 128
+        limit = None
+        dev = self.device
+        if dev.type == "cuda":
+            limit = torch.cuda.get_device_properties(dev).total_memory
+        check_size(activations + audio, "seconds" if batch == 1 else "num_samples",
+                   f"{batch} clip(s) of {seconds:g} s ({branches} guidance branches each)", limit=limit,
+                   hint="generate fewer samples or a shorter clip")
 
     def _feature_key(self, images: torch.Tensor, timesteps: tuple[int, ...], tokens: tuple, mode: str) -> tuple:
         fs = self.feature_source
@@ -364,6 +428,8 @@ class MelFusion:
         """
         s = self.config.sampling
         texts = check_texts(text, "text")
+        if not isinstance(negative_text, str):
+            raise ValueError(f"negative_text: expected a string, got {type(negative_text).__name__}")
         steps = _positive_int(num_inference_steps if num_inference_steps is not None else s.num_inference_steps,
                               "num_inference_steps")
         samples = _positive_int(num_samples if num_samples is not None else s.num_samples, "num_samples")
@@ -371,17 +437,22 @@ class MelFusion:
         g_image = image_guidance_scale if image_guidance_scale is not None else s.image_guidance_scale
         if g_image is not None:
             g_image = _non_negative(g_image, "image_guidance_scale")
-        seconds = float(seconds if seconds is not None else s.seconds)
-        if not seconds > 0:
-            raise ValueError(f"seconds: expected a positive duration, got {seconds}")
+        seconds = finite_float(seconds if seconds is not None else s.seconds, "seconds", low=0, low_open=True)
+        seed = check_seed(seed)
         device = self.device
         use_image = image is not None and self.synapse is not None
         if image is not None and self.synapse is None:
             raise ValueError("image: this model has no synapse (config.synapse.enabled is false)")
 
         sched = make_scheduler(scheduler or s.scheduler, **noise_schedule(self.denoiser))
-        sched.set_timesteps(steps, device=device)
+        if steps > sched.config.num_train_timesteps:
+            raise ValueError(f"num_inference_steps: expected at most {sched.config.num_train_timesteps} (the "
+                             f"model's training timesteps), got {steps}")
         batch = len(texts) * samples
+        three = use_image and g_image is not None
+        height, width = self.latent_hw(seconds, round_up=True)
+        self.check_memory(seconds, batch, 3 if three else 2, (height, width))
+        sched.set_timesteps(steps, device=device)
 
         # text: conditional prompts, repeated per sample, then the empty prompt; one padded batch
         prompts = [t for t in texts for _ in range(samples)]
@@ -389,7 +460,6 @@ class MelFusion:
         emb = emb.to(device, self.denoiser.unet.dtype)
         cond_emb, cond_mask, null_emb, null_mask = emb[:batch], mask[:batch], emb[batch:], mask[batch:]
 
-        height, width = self.latent_hw(seconds)
         shape = (batch, self.denoiser.in_channels, height, width)
         cache = None
         if use_image:
@@ -405,7 +475,6 @@ class MelFusion:
             # a single image is tiled over the batch by the synapse itself, without copies here
 
         # branches, concatenated on the batch axis: [empty, text (+image)] or [empty, text, text+image]
-        three = use_image and g_image is not None
         branch_emb = [null_emb, cond_emb] + ([cond_emb] if three else [])
         branch_mask = [null_mask, cond_mask] + ([cond_mask] if three else [])
         rows = torch.zeros(len(branch_emb) * batch, dtype=torch.bool, device=device)
@@ -432,9 +501,18 @@ class MelFusion:
             else:
                 pred = out[0] + g_text * (out[1] - out[0])
             latents = sched.step(pred, t, latents).prev_sample
+            if not bool(torch.isfinite(latents).all()):
+                raise NonFiniteError(
+                    f"guidance_scale: the music latent became NaN or infinite at timestep {int(t)} (guidance "
+                    f"{g_text:g}{f', image guidance {g_image:g}' if three else ''}); use smaller guidance scales")
 
         mel = self.codec.decode(latents.to(self.denoiser.unet.dtype)).float()
         waves = self.vocoder(mel).float().cpu().numpy()
+        if not np.isfinite(waves).all():
+            raise NonFiniteError("model: the vocoder returned NaN or infinite audio; nothing was written")
+        # the latent was rounded up to a length the UNet can halve: cut the clip to exactly `seconds`
+        waves = waves[..., : int(round(seconds * self.sample_rate))]
+        mel = mel[..., : -(-int(round(seconds * self.config.sample_rate)) // self.config.hop_length), :]
         if peak_normalize:
             peak = np.abs(waves).max(axis=-1, keepdims=True)
             waves = np.where(peak > 0.99, waves * (0.99 / np.maximum(peak, 1e-12)), waves)
@@ -443,11 +521,19 @@ class MelFusion:
         return GenerationOutput(waveforms=waves, sample_rate=self.sample_rate, mel=mel_np, texts=prompts)
 
 
-def music_latent_hw(config: MelFusionConfig, codec: Any, seconds: float | None = None) -> tuple[int, int]:
-    """``(frames, mel bins)`` of the music latent for ``seconds`` (default: the config's clip length)."""
+def music_latent_hw(config: MelFusionConfig, codec: Any, seconds: float | None = None, *,
+                    exact: bool = False) -> tuple[int, int]:
+    """``(frames, mel bins)`` of the music latent for ``seconds`` (default: the config's clip length).
+
+    ``exact``: enough latent frames to cover ``seconds`` (rounded up), for generation that cuts the audio
+    to the asked length afterwards.
+    """
     seconds = config.sampling.seconds if seconds is None else seconds
-    frames = int(round(seconds * config.sample_rate / config.hop_length))
     down = getattr(codec, "downsample", 1)
+    if exact:
+        mel_frames = -(-int(round(seconds * config.sample_rate)) // config.hop_length)
+        return -(-mel_frames // down), config.n_mels // down
+    frames = int(round(seconds * config.sample_rate / config.hop_length))
     return frames // down, config.n_mels // down
 
 
@@ -493,19 +579,94 @@ def shipped_model_path(name: str = "mini") -> Path:
 
 def _resolve_model_folder(path: str | Path, revision: str | None) -> Path:
     folder = Path(path)
+    if not folder.exists():
+        from .files import clean_leftovers
+
+        clean_leftovers(folder)  # a save killed mid-swap where no atomic exchange exists: put the model back
     if folder.is_dir():
         return folder
     if str(path) in SHIPPED_MODELS and not folder.exists():
         return shipped_model_path(str(path))
-    if folder.exists() or not _is_hub_id(str(path)):
-        raise OSError(f"model: {str(path)!r} is not a folder written by save_pretrained")
+    shipped = f"shipped models: {', '.join(sorted(SHIPPED_MODELS))}"
+    if folder.exists():
+        raise OSError(f"model: {str(path)!r} is a file, not a folder written by save_pretrained ({shipped})")
+    if not _is_hub_id(str(path)) or _looks_local(str(path)):
+        raise OSError(f"model: no such folder {str(path)!r} ({shipped})")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(str(path), revision=revision))
     except Exception as exc:  # offline, unknown repo, no network
-        raise OSError(f"model: could not get {str(path)!r} from the hub ({type(exc).__name__}: {exc}); "
-                      "give a local folder written by save_pretrained") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"model: no such folder {str(path)!r}, and it could not be fetched as a hub id "
+                      f"({first}); {shipped}") from None
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+
+
+MODEL_FILES = {MelFusion.CONFIG_NAME, MelFusion.INDEX_NAME}
+
+
+def is_model_entry(entry: Path) -> bool:
+    """Whether ``entry`` (a path inside a folder) is one save_pretrained writes, so a new save may replace it."""
+    if entry.name in MODEL_FILES and entry.is_file():
+        return True
+    if entry.name == "synapse.safetensors" and entry.is_file():
+        return True
+    if entry.is_file() and entry.suffix == ".safetensors" and entry.name.split(".", 1)[0] in MelFusion.PARTS:
+        return True
+    if entry.name == "unet" and entry.is_dir():  # diffusers' save_pretrained: its config and weights only
+        return all(f.is_file() and (f.name == "config.json" or f.name.startswith("diffusion_pytorch_model"))
+                   for f in entry.iterdir())
+    return False
+
+
+def _load_safetensors(module: torch.nn.Module, file: Path, device: Any) -> None:
+    """``safetensors.load_model`` with every failure as one ``OSError`` naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    if not file.is_file():
+        raise OSError(f"model: missing weights file {str(file)!r}")
+    try:
+        load_model(module, str(file), device=str(device or "cpu"))
+    except (SafetensorError, RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"model: cannot load {str(file)!r}: it is corrupt or does not fit the model its config "
+                      f"describes ({first[:200]})") from None
+
+
+def _loading(where: Path, part_cfg: Any, common: dict[str, Any]) -> Any:
+    """Build a part from saved weights; a corrupt or mismatched weights file is one ``OSError`` naming ``where``."""
+    from safetensors import SafetensorError
+
+    try:
+        return part_cfg.build(weights=True, **common)
+    except (SafetensorError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"model: cannot load {str(where)!r}: it is corrupt or does not fit the model its config "
+                      f"describes ({first[:200]})") from None
+
+
+def check_device(device: Any) -> Any:
+    """``device`` if torch can use it here; a ``ValueError`` naming ``device`` otherwise (e.g. cuda without CUDA)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} was asked for, but torch sees no CUDA device on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device: {device!r} was asked for, but MPS is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps", "meta", "xpu"):
+        raise ValueError(f"device: {device!r} is not supported (cpu, cuda, mps)")
+    return device
 
 
 def image_timesteps(timesteps: torch.Tensor | Sequence[int], image_steps: int | None) -> list[int]:
@@ -545,11 +706,16 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def check_seed(seed: Any, name: str = "seed") -> int | None:
+    """``seed`` as an int torch's generator takes (``[-2**63, 2**64)``), or None."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"{name}: expected an int, got {seed!r}")
+    if not -(2**63) <= int(seed) < 2**64:
+        raise ValueError(f"{name}: expected an int in [-2**63, 2**64), got {seed}")
+    return int(seed)
+
+
 def _non_negative(value: Any, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number >= 0, got {value!r}") from None
-    if not value >= 0:
-        raise ValueError(f"{name}: expected a number >= 0, got {value}")
-    return value
+    return finite_float(value, name, low=0)

@@ -29,7 +29,10 @@ def spectrogram_png(mel: np.ndarray, path: str | Path, scale: int = 4) -> Path:
     norm = (mel - lo) / (hi - lo if hi > lo else 1.0)
     rgb = _colour(norm.T[::-1])
     im = Image.fromarray(rgb).resize((rgb.shape[1] * max(1, scale // 2), rgb.shape[0] * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
+    import io
+
+    from .files import write_atomic
+
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG")
+    return write_atomic(path, buffer.getvalue())
