@@ -144,12 +144,12 @@ def messy(tmp_path):
         {**good, "captions": "   "},                           # 6
         {**good, "img_path": "gone.png"},                      # 7
         '{"captions": "broken", "location": ',                 # 8
-        good,                                                  # 9
+        {**good, "captions": "fine too"},                      # 9 (an exact copy of row 1 would be bad)
         {**good, "captions": "", "location": "missing2.wav"},  # 10: two problems
         {**good, "location": "nan.wav"},                       # 11
         '["not", "an", "object"]',                             # 12
         {"captions": "no audio field"},                        # 13
-        good,                                                  # 14
+        {**good, "captions": ["fine again", "second caption"]},  # 14: a list, its first caption is used
     ]
     return write_jsonl(d / "manifest.jsonl", lines)
 

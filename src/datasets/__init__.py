@@ -1,7 +1,7 @@
 """Data: triplet manifests (read, validate), audio and image loading, the torch dataset, the mel front end,
 and the synthetic toy world."""
 
-from .audio import check_audio, crop_start, fit_length, load_audio
+from .audio import check_audio, crop_start, fit_length, load_audio, max_audio_seconds
 from .manifest import (
     ManifestError,
     ManifestRows,
@@ -27,6 +27,7 @@ __all__ = [
     "fit_length",
     "crop_start",
     "check_audio",
+    "max_audio_seconds",
     "TripletDataset",
     "collate_triplets",
     "square_image",

@@ -8,14 +8,19 @@ Row numbers (``Triplet.row`` and every error message) point at the place a perso
   whose quoted fields span lines is numbered by its first line).
 - folder: the 1-based index of the audio file in sorted file-name order.
 
-``read_manifest`` never stops at a bad row: a line that is not JSON, not an object, or lacks the audio
-field becomes a *problem* (row, reason) carried on the returned :class:`ManifestRows`, and
-``validate_manifest`` reports those together with the rows whose files are missing or broken.
+``read_manifest`` never stops at a bad row: a line that is not UTF-8, not JSON, not an object, or lacks the
+audio field becomes a *problem* (row, reason) carried on the returned :class:`ManifestRows`, and
+``validate_manifest`` reports those together with the rows whose files are missing or broken and the
+exact duplicates of earlier rows. A manifest with no rows at all is a :class:`ManifestError`.
+
+The caption field (``captions``, as in the MeLFusion/Tango manifests) is a string, or a non-empty list of
+strings of which the **first** is used (docs/evaluation.md); anything else is a bad row.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import warnings
@@ -24,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import write_atomic
+from PIL import Image
+
+from ..files import OutputExistsError, check_output, write_atomic
 from ..images import open_image
-from .audio import check_audio
+from .audio import check_audio, file_problem
 
 __all__ = [
     "Triplet",
@@ -100,14 +107,22 @@ def read_manifest(path: str | Path, *, format: str | None = None,
     if fmt == "folder":
         if not path.is_dir():
             raise ManifestError(f"manifest: format 'folder' needs a directory, {str(path)!r} is a file")
-        rows, problems = _read_folder(path)
+        try:
+            rows, problems = _read_folder(path)
+        except OSError as exc:
+            raise ManifestError(f"manifest: cannot list the folder {str(path)!r} ({exc.strerror or exc})") from None
     else:
         if path.is_dir():
             raise ManifestError(f"manifest: format {fmt!r} needs a file, {str(path)!r} is a directory")
-        text = _read_text(path)
+        data = _read_bytes(path)
         base = _absolute(path).parent
-        reader = _read_jsonl if fmt == "jsonl" else _read_csv
-        rows, problems = reader(text, base, names, path)
+        if fmt == "jsonl":
+            rows, problems = _read_jsonl(data, base, names, path)
+        else:
+            rows, problems = _read_csv(_decode(data, path), base, names, path)
+    if not rows and not problems:
+        what = "holds no audio files (" + ", ".join(AUDIO_SUFFIXES) + ")" if fmt == "folder" else "has no rows"
+        raise ManifestError(f"manifest: {str(path)!r} {what}; nothing to read")
     return ManifestRows(rows, problems, source=path)
 
 
@@ -138,13 +153,21 @@ def _columns(columns: dict[str, str] | None, fmt: str) -> dict[str, str]:
     return {**DEFAULT_COLUMNS, **columns}
 
 
-def _read_text(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"manifest: {str(path)!r} is not UTF-8 text ({exc})") from None
+        data = path.read_bytes()
     except OSError as exc:
-        raise ManifestError(f"manifest: cannot read {str(path)!r} ({exc})") from None
+        raise ManifestError(f"manifest: cannot read {str(path)!r} ({exc.strerror or exc})") from None
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte-order mark
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"manifest: {str(path)!r} is not UTF-8 text (line {line}: byte "
+                            f"0x{data[exc.start]:02x} {exc.reason})") from None
 
 
 def _absolute(path: Path) -> Path:
@@ -156,30 +179,73 @@ def _resolve(value: str, base: Path) -> Path:
     return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
+def _a(value: Any) -> str:
+    """``"an int"``, ``"a list"``: the type of ``value`` with its article."""
+    name = type(value).__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def caption_text(value: Any, field: str = "captions") -> tuple[str | None, str | None]:
+    """The caption of a field value, ``(text, None)``, or ``(None, why it is not one)``.
+
+    A string is the caption; a non-empty list of strings gives its first item (the MeLFusion/Tango
+    manifests' ``captions`` list, docs/evaluation.md); anything else (a number, null, an empty list, a
+    list holding a non-string) is a problem.
+    """
+    if isinstance(value, list):
+        if not value:
+            return None, f"caption field {field!r} is an empty list"
+        odd = [v for v in value if not isinstance(v, str)]
+        if odd:
+            return None, f"caption field {field!r} is a list holding {_a(odd[0])}, not only strings"
+        value = value[0]
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's "\ud800": no text encoder can take it
+            return None, f"caption field {field!r} holds an unpaired surrogate ({value[exc.start]!r})"
+        return value, None
+    kind = "null" if value is None else _a(value)
+    return None, f"caption field {field!r} is {kind}, not a string or a list of strings"
+
+
+def _path_field(record: dict, field: str, what: str, required: bool) -> tuple[str | None, str | None]:
+    if field not in record:
+        return None, (f"no {what} field {field!r}" if required else None)
+    value = record[field]
+    if value is None:
+        return None, (f"{what} field {field!r} is null" if required else None)
+    if not isinstance(value, str):
+        return None, f"{what} field {field!r} is {_a(value)}, not a string"
+    if "\x00" in value:
+        return None, f"{what} field {field!r} holds a NUL character"
+    if required and not value.strip():
+        return None, f"{what} field {field!r} is empty"
+    return value.strip() or None, None
+
+
 def _triplet(row: int, record: dict, base: Path, names: dict[str, str]) -> tuple[Triplet | None, str | None]:
     """A Triplet from one parsed record, or the reason it cannot be one (every problem, joined by '; ')."""
     problems = []
-    caption = record.get(names["caption"])
-    if caption is None:
+    caption = None
+    if names["caption"] not in record:
         problems.append(f"no caption field {names['caption']!r}")
-    elif not isinstance(caption, str):
-        problems.append(f"caption field {names['caption']!r} is a {type(caption).__name__}, not a string")
-    audio = record.get(names["audio"])
-    if audio is None:
-        problems.append(f"no audio field {names['audio']!r}")
-    elif not isinstance(audio, str):
-        problems.append(f"audio field {names['audio']!r} is a {type(audio).__name__}, not a string")
-    elif not audio.strip():
-        problems.append(f"audio field {names['audio']!r} is empty")
-    image = record.get(names["image"])
-    if image is not None and not isinstance(image, str):
-        problems.append(f"image field {names['image']!r} is a {type(image).__name__}, not a string")
+    else:
+        caption, why = caption_text(record[names["caption"]], names["caption"])
+        if why:
+            problems.append(why)
+    audio, why = _path_field(record, names["audio"], "audio", required=True)
+    if why:
+        problems.append(why)
+    image, why = _path_field(record, names["image"], "image", required=False)
+    if why:
+        problems.append(why)
     if problems:
         if isinstance(caption, str) and not caption.strip():
             problems.insert(0, "caption is empty")
         return None, "; ".join(problems)
-    image_path = _resolve(image.strip(), base) if image and image.strip() else None
-    return Triplet(row, caption, _resolve(audio.strip(), base), image_path), None
+    image_path = _resolve(image, base) if image else None
+    return Triplet(row, caption, _resolve(audio, base), image_path), None
 
 
 def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str], problems: list):
@@ -188,7 +254,7 @@ def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str],
     rows = []
     for number, record in numbered:
         if not isinstance(record, dict):
-            problems.append((number, f"expected a JSON object, got a {type(record).__name__}"))
+            problems.append((number, f"expected a JSON object, got {_a(record)}"))
             continue
         triplet, problem = _triplet(number, record, base, names)
         if triplet is None:
@@ -198,17 +264,27 @@ def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str],
     return rows, problems
 
 
-def _read_jsonl(text: str, base: Path, names: dict[str, str], path: Path):
-    if text.lstrip().startswith("["):
-        return _read_json_array(text, base, names, path)
+def _read_jsonl(data: bytes, base: Path, names: dict[str, str], path: Path):
+    """JSON lines, one record a line (split on ``\\n`` only: a JSON string may hold U+2028); a line that is
+    not UTF-8 or not JSON is a problem of its row. A file starting with ``[`` is one JSON array."""
+    if data.lstrip().startswith(b"["):
+        return _read_json_array(_decode(data, path), base, names, path)
     numbered, problems = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append((number, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"))
             continue
         try:
             numbered.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             problems.append((number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+        except RecursionError:
+            problems.append((number, "not valid JSON (nested too deeply)"))
     return _records(numbered, base, names, problems)
 
 
@@ -218,12 +294,15 @@ def _read_json_array(text: str, base: Path, names: dict[str, str], path: Path):
     except json.JSONDecodeError as exc:
         raise ManifestError(f"manifest: {str(path)!r} starts with '[' but is not valid JSON "
                             f"({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise ManifestError(f"manifest: {str(path)!r} is not valid JSON (nested too deeply)") from None
+    if not isinstance(records, list):
+        raise ManifestError(f"manifest: {str(path)!r} starts with '[' but is not one JSON array")
     return _records(list(enumerate(records, start=1)), base, names, [])
 
 
 def _read_csv(text: str, base: Path, names: dict[str, str], path: Path):
-    lines = text.splitlines(keepends=True)
-    reader = csv.reader(lines)
+    reader = csv.reader(io.StringIO(text, newline=""))  # lines end at \n, \r\n or \r only, as CSV's do
     try:
         header = next(reader)
     except StopIteration:
@@ -323,18 +402,23 @@ def _listing(bad: Sequence[tuple[int, str]], limit: int = MAX_LISTED) -> str:
 
 def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: str = "error",
                       report: str | Path | None = None, require_image: bool = True, check_audio: bool = True,
-                      check_images: bool = True, progress: bool = False) -> ValidationReport:
+                      check_images: bool = True, progress: bool = False, max_seconds: float | None = None,
+                      overwrite: bool = False) -> ValidationReport:
     """Check every row and collect every problem (one ``bad`` entry per row, its problems joined by '; ').
 
-    Checks: empty or whitespace-only caption; audio missing, empty (0 bytes), undecodable, zero-length or
-    with non-finite samples (``check_audio``); image absent (``require_image``), missing or unreadable
-    (``check_images``). Rows ``read_manifest`` could not parse are bad too. A path is read with
-    ``read_manifest``'s defaults; to pass ``format`` or ``columns``, read it first and pass the rows.
+    Checks: empty or whitespace-only caption; an exact duplicate (same caption, audio and image) of an
+    earlier row; audio missing, a folder, empty (0 bytes), undecodable, truncated, zero-length, with an
+    implausible header or with non-finite samples, or longer than ``max_seconds`` (``check_audio``); image
+    absent (``require_image``), missing, a folder, unreadable or a decompression bomb (``check_images``).
+    Rows ``read_manifest`` could not parse are bad too. A path is read with ``read_manifest``'s defaults;
+    to pass ``format`` or ``columns``, read it first and pass the rows. No rows at all is an error.
 
     policy="error" raises :class:`ManifestError` listing every bad row (the first 50, then a count);
-    policy="skip" warns with the count and returns the good rows. Either way, ``report`` (a path) gets a
-    JSON file ``{"manifest", "total", "good", "bad": [{"row", "reason", "caption", "audio", "image"}]}``,
-    written atomically.
+    policy="skip" warns with the count and returns the good rows. Either way, ``report`` (a ``.json``
+    path) gets a JSON file ``{"manifest", "total", "good", "bad": [{"row", "reason", "caption", "audio",
+    "image"}]}``, written atomically. ``report`` is checked before any row is: it must not be the
+    manifest, and an existing file there is replaced only if it is an earlier report of this function
+    or ``overwrite=True`` (else :class:`~melfusion.files.OutputExistsError`).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: expected 'error' or 'skip', got {policy!r}")
@@ -346,9 +430,17 @@ def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: s
         raise ValueError(f"path_or_rows: expected a manifest path or a list of Triplets, "
                          f"got {type(path_or_rows).__name__}")
     source = getattr(rows, "source", None)
-    bad: list[tuple[int, str]] = list(getattr(rows, "problems", []))
+    problems = list(getattr(rows, "problems", []))
+    if not rows and not problems:
+        raise ManifestError("path_or_rows: no rows to validate" if source is None
+                            else f"manifest: {str(source)!r} has no rows")
+    if report is not None:
+        report = check_output(report, "report", overwrite=overwrite or _is_report(Path(report)),
+                              inputs=[source], suffixes=(".json",))
+    bad: list[tuple[int, str]] = problems
     good: list[Triplet] = []
     by_row: dict[int, Triplet] = {}
+    seen: dict[tuple, int] = {}
     iterator = rows
     if progress:
         from tqdm.auto import tqdm
@@ -357,7 +449,12 @@ def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: s
     for triplet in iterator:
         if not isinstance(triplet, Triplet):
             raise ValueError(f"path_or_rows: expected Triplets, got a {type(triplet).__name__}")
-        reasons = _row_problems(triplet, require_image, check_audio, check_images)
+        key = (repr(triplet.caption), str(triplet.audio), str(triplet.image))
+        if key in seen:
+            reasons = [f"duplicates row {seen[key]} (the same caption, audio and image)"]
+        else:
+            seen[key] = triplet.row
+            reasons = _row_problems(triplet, require_image, check_audio, check_images, max_seconds)
         if reasons:
             bad.append((triplet.row, "; ".join(reasons)))
             by_row[triplet.row] = triplet
@@ -366,7 +463,7 @@ def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: s
     bad.sort(key=lambda item: item[0])
     result = ValidationReport(good=good, bad=bad, source=source, total=len(good) + len(bad))
     if report is not None:
-        _write_report(Path(report), result, by_row)
+        _write_report(report, result, by_row, overwrite)
     if bad and policy == "error":
         raise ManifestError(result.summary(), bad)
     if bad:
@@ -376,26 +473,61 @@ def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: s
     return result
 
 
-def _row_problems(t: Triplet, require_image: bool, check_audio_files: bool, check_images: bool) -> list[str]:
+#: what reading one row's files may raise; anything else is a bug, not a bad row
+_ROW_ERRORS = (ValueError, OSError, RuntimeError, EOFError, Image.DecompressionBombError)
+
+
+def _row_problems(t: Triplet, require_image: bool, check_audio_files: bool, check_images: bool,
+                  max_seconds: float | None = None) -> list[str]:
     reasons = []
-    if not t.caption.strip():
+    if not isinstance(t.caption, str):
+        reasons.append(f"caption is {_a(t.caption)}, not a string")
+    elif not t.caption.strip():
         reasons.append("caption is empty")
     if check_audio_files:
-        problem = check_audio(t.audio)
+        try:
+            problem = check_audio(t.audio, max_seconds=max_seconds)
+        except _ROW_ERRORS as exc:
+            problem = f"cannot be checked ({type(exc).__name__}: {_one_line(exc)})"
         if problem:
             reasons.append(f"audio {str(t.audio)!r} {problem}")
     if t.image is None:
         if require_image:
             reasons.append("no image given")
     elif check_images:
-        try:
-            open_image(t.image, "image")
-        except ValueError as exc:
-            reasons.append(str(exc))
+        problem = file_problem(t.image, "image file")
+        if problem:
+            reasons.append(f"image {str(t.image)!r} {problem}")
+        else:
+            try:
+                open_image(t.image, "image")
+            except Image.DecompressionBombError as exc:
+                reasons.append(f"image: {str(t.image)!r} is too large to decode safely ({_one_line(exc)})")
+            except _ROW_ERRORS as exc:
+                reasons.append(_one_line(exc))
     return reasons
 
 
-def _write_report(path: Path, result: ValidationReport, by_row: dict[int, Triplet]) -> None:
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+_REPORT_KEYS = {"manifest", "total", "good", "bad"}
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is a report an earlier :func:`validate_manifest` wrote (so it may be replaced)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 64 << 20:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and set(data) == _REPORT_KEYS and isinstance(data["bad"], list)
+
+
+def _write_report(path: Path, result: ValidationReport, by_row: dict[int, Triplet], overwrite: bool) -> None:
     entries = []
     for row, reason in result.bad:
         t = by_row.get(row)
@@ -405,4 +537,12 @@ def _write_report(path: Path, result: ValidationReport, by_row: dict[int, Triple
                         "image": str(t.image) if t and t.image else None})
     payload = {"manifest": str(result.source) if result.source is not None else None,
                "total": result.total, "good": len(result.good), "bad": entries}
-    write_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n", fsync=True)
+    if path.exists() and not (overwrite or _is_report(path)):  # appeared while the rows were checked
+        raise OutputExistsError(f"report: {str(path)!r} already exists; choose another path or pass "
+                                "overwrite=True")
+    text = json.dumps(payload, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # an unpaired surrogate in a path: escape everything instead
+        text = json.dumps(payload, indent=2)
+    write_atomic(path, text + "\n", fsync=True)

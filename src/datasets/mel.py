@@ -33,8 +33,11 @@ class MelFrontEnd:
         return mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax)
 
     def __call__(self, waveform: np.ndarray) -> np.ndarray:
-        """``(samples,)`` float waveform -> ``(frames, n_mels)`` log-mel magnitude."""
-        spec = np.abs(librosa.stft(np.asarray(waveform, dtype=np.float32), n_fft=self.n_fft,
+        """``(samples,)`` float waveform -> ``(frames, n_mels)`` log-mel magnitude (NaN/inf input: ValueError)."""
+        waveform = np.asarray(waveform, dtype=np.float32)
+        if not np.isfinite(waveform).all():
+            raise ValueError("waveform: holds NaN or infinite samples; the mel spectrogram would not be finite")
+        spec = np.abs(librosa.stft(waveform, n_fft=self.n_fft,
                                    hop_length=self.hop_length, win_length=self.win_length, center=True))
         mel = self.mel_basis() @ spec
         return np.log(np.maximum(mel, self.log_floor)).T.astype(np.float32)

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 from PIL import Image, ImageDraw
 
-from .toy import check_positive_ints
+from .toy import check_positive_ints, check_sizes
+from .writing import png_bytes, wav_bytes, write_dataset_folder
 
 __all__ = [
     "COLOURS", "SHADES", "REGISTERS", "TEMPOS", "TEMPO_OF_COLOUR", "INSTRUMENTS", "MOODS", "ATTRIBUTES",
@@ -180,7 +180,7 @@ def render_audio(item: SyntheticItem, seconds: float, sample_rate: int, rng: np.
 
 
 def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float = 2.56, sample_rate: int = 16000,
-                             image_size: int = 64, seed: int = 0, start: int = 0) -> Path:
+                             image_size: int = 64, seed: int = 0, start: int = 0, overwrite: bool = False) -> Path:
     """Write ``n`` triplets (``audio/*.wav`` PCM_16, ``images/*.png``) and ``manifest.jsonl`` under ``folder``.
 
     Each manifest row has the standard columns ``captions``, ``location`` and ``img_path`` (relative paths)
@@ -188,39 +188,49 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
     ``mood``, and the picture's ``colour`` and ``shade``. ``attributes.json`` beside it lists the classes. Item ``i`` (counting from ``start``) has
     combination ``i % 48``, so any 48 consecutive items cover every combination once; use a different
     ``seed`` (and ``start``) for a held-out set. Returns the manifest path.
+
+    ``folder`` must be new, empty, or hold exactly what these arguments write (writing the same set again
+    changes nothing); a folder holding other or different files (another set's manifest, anyone's data)
+    is refused, naming them, before anything is written, unless ``overwrite=True``, which replaces this
+    set's files and keeps the rest (see :mod:`melfusion.datasets.writing`).
     """
     check_positive_ints(n=n, sample_rate=sample_rate, image_size=image_size)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start: expected a non-negative integer, got {start!r}")
-    if not isinstance(seconds, (int, float)) or not np.isfinite(seconds) or seconds < 0.5:
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and np.isfinite(seconds) and seconds < 0.5:
         raise ValueError(f"seconds: expected a number of seconds >= 0.5, got {seconds!r}")
+    check_sizes(seconds=seconds, sample_rate=sample_rate, image_size=image_size, low=0.0)
     folder = Path(folder)
-    (folder / "audio").mkdir(parents=True, exist_ok=True)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(start, start + n):
-        item = synthetic_item(i, rng)
-        audio, image = f"audio/syn_{i:05d}.wav", f"images/syn_{i:05d}.png"
-        sf.write(folder / audio, render_audio(item, seconds, sample_rate, rng), sample_rate, subtype="PCM_16",
-                 format="WAV")
-        render_image(item, image_size, rng).save(folder / image, format="PNG")
-        row = {"captions": item.caption, "location": audio, "img_path": image, **item.labels()}
-        lines.append(json.dumps(row) + "\n")
-    classes = {"register": [{"name": c, "shade": SHADES[i][0], "value": SHADES[i][1], "pitch_hz": p}
-                            for i, (c, p) in enumerate(REGISTERS)],
-               "tempo": [{"name": c, "notes_per_second": r,
-                          "colours": [COLOURS[k][0] for k, v in enumerate(TEMPO_OF_COLOUR) if v == i]}
-                         for i, (c, r) in enumerate(TEMPOS)],
-               "colour": [{"name": c, "hue": h} for c, h in COLOURS],
-               "instrument": [{"name": c, "harmonics": list(h)} for c, h in INSTRUMENTS],
-               "mood": [{"name": c, "words": list(w), "gate": g} for c, w, g, _ in MOODS],
-               "image_attributes": list(IMAGE_ATTRIBUTES), "text_attributes": list(TEXT_ATTRIBUTES),
-               "chance": CHANCE, "seconds": seconds, "sample_rate": sample_rate, "seed": seed}
-    (folder / "attributes.json").write_text(json.dumps(classes, indent=2), encoding="utf-8")
-    path = folder / "manifest.jsonl"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
+    names = [(i, f"audio/syn_{i:05d}.wav", f"images/syn_{i:05d}.png") for i in range(start, start + n)]
+    planned = [p for _, audio, image in names for p in (audio, image)] + ["attributes.json", "manifest.jsonl"]
+
+    def files():
+        rng = np.random.default_rng(seed)
+        lines = []
+        for i, audio, image in names:
+            item = synthetic_item(i, rng)
+            yield audio, wav_bytes(render_audio(item, seconds, sample_rate, rng), sample_rate)
+            yield image, png_bytes(render_image(item, image_size, rng))
+            row = {"captions": item.caption, "location": audio, "img_path": image, **item.labels()}
+            lines.append(json.dumps(row) + "\n")
+        yield "attributes.json", json.dumps(_classes(seconds, sample_rate, seed), indent=2).encode("utf-8")
+        yield "manifest.jsonl", "".join(lines).encode("utf-8")
+
+    write_dataset_folder(folder, planned, files, overwrite=overwrite)
+    return folder / "manifest.jsonl"
+
+
+def _classes(seconds: float, sample_rate: int, seed: int) -> dict[str, Any]:
+    return {"register": [{"name": c, "shade": SHADES[i][0], "value": SHADES[i][1], "pitch_hz": p}
+                         for i, (c, p) in enumerate(REGISTERS)],
+            "tempo": [{"name": c, "notes_per_second": r,
+                       "colours": [COLOURS[k][0] for k, v in enumerate(TEMPO_OF_COLOUR) if v == i]}
+                      for i, (c, r) in enumerate(TEMPOS)],
+            "colour": [{"name": c, "hue": h} for c, h in COLOURS],
+            "instrument": [{"name": c, "harmonics": list(h)} for c, h in INSTRUMENTS],
+            "mood": [{"name": c, "words": list(w), "gate": g} for c, w, g, _ in MOODS],
+            "image_attributes": list(IMAGE_ATTRIBUTES), "text_attributes": list(TEXT_ATTRIBUTES),
+            "chance": CHANCE, "seconds": seconds, "sample_rate": sample_rate, "seed": seed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +285,8 @@ def read_attributes(waveform: np.ndarray, sample_rate: int) -> AttributeReading:
     """Measure register, tempo, instrument and mood from one mono waveform (any length over 0.5 s)."""
     import librosa
 
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1000:
+        raise ValueError(f"sample_rate: expected an integer rate of at least 1000 Hz, got {sample_rate!r}")
     y = np.asarray(waveform, dtype=np.float32).reshape(-1)
     if y.size < sample_rate // 2 or not np.isfinite(y).all():
         raise ValueError(f"waveform: expected at least 0.5 s of finite audio, got {y.size} samples")

@@ -8,12 +8,16 @@ the same arguments write the same bytes.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from PIL import Image
+
+from ..checks import check_size
+from .audio import MAX_SAMPLE_RATE
+from .writing import png_bytes, wav_bytes, write_dataset_folder
 
 __all__ = ["write_toy_manifest", "TOY_CLASSES", "TOY_STYLES"]
 
@@ -31,6 +35,7 @@ TOY_STYLES = (
     ("a pulsing organ tone", (1.0, 0.4, 0.25), 0.5),
 )
 FORMATS = ("jsonl", "csv")
+MAX_IMAGE_SIZE = 4096  # pixels a side of a rendered picture
 
 
 def check_positive_ints(**values) -> None:
@@ -78,40 +83,62 @@ def _picture(hue: float, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def write_toy_manifest(folder: str | Path, *, n: int = 16, seconds: float = 1.0, sample_rate: int = 16000,
-                       image_size: int = 64, seed: int = 0, format: str = "jsonl") -> Path:
+                       image_size: int = 64, seed: int = 0, format: str = "jsonl", overwrite: bool = False) -> Path:
     """Write ``n`` triplets under ``folder`` (audio/*.wav PCM_16, images/*.png) and their manifest.
 
     Item i has hue class ``i % 4`` (:data:`TOY_CLASSES`) and caption ``(i // 4) % 3``
     (:data:`TOY_STYLES`). The manifest is ``folder/manifest.jsonl`` (or ``.csv``) with the columns
     ``captions``, ``location``, ``img_path`` (relative paths), plus ``colour`` and ``pitch_hz``.
     Returns the manifest path.
+
+    ``folder`` must be new, empty, or hold exactly what these arguments write (writing the same dataset
+    again changes nothing); a folder holding other or different files is refused, naming them, before
+    anything is written, unless ``overwrite=True`` (which replaces this dataset's files and keeps the
+    rest). See :mod:`melfusion.datasets.writing`.
     """
     if format not in FORMATS:
         raise ValueError(f"format: expected 'jsonl' or 'csv', got {format!r}")
     check_positive_ints(n=n, sample_rate=sample_rate, image_size=image_size)
-    if not isinstance(seconds, (int, float)) or not np.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"seconds: expected a positive number, got {seconds!r}")
+    check_sizes(seconds=seconds, sample_rate=sample_rate, image_size=image_size, low=0.0)
     folder = Path(folder)
-    (folder / "audio").mkdir(parents=True, exist_ok=True)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(n):
-        colour, hue, pitch = TOY_CLASSES[i % len(TOY_CLASSES)]
-        style = (i // len(TOY_CLASSES)) % len(TOY_STYLES)
-        audio, image = f"audio/toy_{i:04d}.wav", f"images/toy_{i:04d}.png"
-        sf.write(folder / audio, _tone(pitch, style, seconds, sample_rate, rng), sample_rate,
-                 subtype="PCM_16", format="WAV")
-        _picture(hue, image_size, rng).save(folder / image, format="PNG")
-        records.append({"captions": TOY_STYLES[style][0], "location": audio, "img_path": image,
-                        "colour": colour, "pitch_hz": pitch})
+    manifest = f"manifest.{format}"
+    names = [(f"audio/toy_{i:04d}.wav", f"images/toy_{i:04d}.png") for i in range(n)]
+    planned = [p for pair in names for p in pair] + [manifest]
+
+    def files():
+        rng = np.random.default_rng(seed)
+        records = []
+        for i, (audio, image) in enumerate(names):
+            colour, hue, pitch = TOY_CLASSES[i % len(TOY_CLASSES)]
+            style = (i // len(TOY_CLASSES)) % len(TOY_STYLES)
+            yield audio, wav_bytes(_tone(pitch, style, seconds, sample_rate, rng), sample_rate)
+            yield image, png_bytes(_picture(hue, image_size, rng))
+            records.append({"captions": TOY_STYLES[style][0], "location": audio, "img_path": image,
+                            "colour": colour, "pitch_hz": pitch})
+        yield manifest, _manifest_text(records, format).encode("utf-8")
+
+    write_dataset_folder(folder, planned, files, overwrite=overwrite)
+    return folder / manifest
+
+
+def _manifest_text(records: list[dict], format: str) -> str:
     if format == "jsonl":
-        path = folder / "manifest.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    else:
-        path = folder / "manifest.csv"
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(records[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(records)
-    return path
+        return "".join(json.dumps(r) + "\n" for r in records)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
+
+
+def check_sizes(*, seconds, sample_rate: int, image_size: int, low: float) -> None:
+    """``seconds`` a finite number above ``low`` (``ValueError`` naming it) and the clip and picture small
+    enough to render in this machine's memory (:func:`melfusion.checks.check_size`)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not np.isfinite(seconds) \
+            or seconds <= low:
+        raise ValueError(f"seconds: expected a number of seconds > {low:g}, got {seconds!r}")
+    if sample_rate > MAX_SAMPLE_RATE:
+        raise ValueError(f"sample_rate: expected at most {MAX_SAMPLE_RATE} Hz, got {sample_rate!r}")
+    if image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size: expected at most {MAX_IMAGE_SIZE} pixels, got {image_size!r}")
+    check_size(8 * 4 * int(round(seconds * sample_rate)), "seconds", f"rendering {seconds:g} s at {sample_rate} Hz")

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import open_image
-from .audio import fit_length, load_audio
+from ..checks import check_size
+from ..images import MAX_PIXELS, open_image
+from .audio import fit_length, load_audio, max_audio_seconds
 from .manifest import Triplet
 
 __all__ = ["TripletDataset", "collate_triplets", "square_image"]
@@ -34,17 +35,25 @@ class TripletDataset(torch.utils.data.Dataset):
     index])``, so it depends only on (seed, epoch, index): a resumed run that calls ``set_epoch`` sees the
     same crops, whatever the worker or batch order. Without it the window is the start of the clip.
     Images: see :func:`square_image`; ``image_size=None`` keeps their size (then a batch needs equal sizes).
+    A file longer than :func:`~melfusion.datasets.audio.max_audio_seconds` of ``seconds`` (100 windows, at
+    least an hour) is refused before it is decoded, as are truncated, corrupt or non-finite ones.
     """
 
     def __init__(self, rows: Sequence[Triplet], *, sample_rate: int, seconds: float, image_size: int | None,
                  random_crop: bool = False, seed: int = 0):
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
             raise ValueError(f"sample_rate: expected a positive integer, got {sample_rate!r}")
-        if not isinstance(seconds, (int, float)) or not np.isfinite(seconds) or seconds <= 0:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not np.isfinite(seconds) \
+                or seconds <= 0:
             raise ValueError(f"seconds: expected a positive number, got {seconds!r}")
-        if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size <= 0):
-            raise ValueError(f"image_size: expected a positive integer or None, got {image_size!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
+        if round(seconds * sample_rate) < 1:
+            raise ValueError(f"seconds: {seconds!r} s at {sample_rate} Hz is less than one sample")
+        check_size(4 * int(round(seconds * sample_rate)), "seconds", f"a {seconds:g} s window at {sample_rate} Hz")
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
+                                       or not 0 < image_size * image_size <= MAX_PIXELS):
+            raise ValueError(f"image_size: expected a positive integer (at most {int(MAX_PIXELS ** 0.5)}) or None, "
+                             f"got {image_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.rows = list(rows)
         for i, row in enumerate(self.rows):
@@ -80,7 +89,8 @@ class TripletDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} rows")
         index = int(index) % len(self)
         row = self.rows[index]
-        wave = load_audio(row.audio, self.sample_rate, name=f"row {row.row} audio")
+        wave = load_audio(row.audio, self.sample_rate, name=f"row {row.row} audio",
+                          max_seconds=max_audio_seconds(self.seconds))
         wave = fit_length(wave, self.num_samples, rng=self.crop_rng(index))
         image = None
         if row.image is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import NonFiniteError
 from ..files import atomic_path
 
 __all__ = ["CACHE_ENV", "default_cache_dir", "cache_key", "EmbeddingCache"]
@@ -68,6 +69,11 @@ class EmbeddingCache:
         return value
 
     def put(self, key: str, value: np.ndarray) -> None:
+        """Store a finite float array under ``key`` (a ``ValueError`` for anything else: it would never be read
+        back); a cache folder that cannot be written only warns."""
+        value = np.asarray(value)
+        if value.dtype.kind != "f" or not np.isfinite(value).all():
+            raise NonFiniteError(f"embedding cache: refusing to store {key[:12]}...: not a finite float array")
         path = self.path(key)
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..files import write_atomic
-from .audio import RESAMPLER, file_sha256, list_audio_files, load_audio
+from ..checks import NonFiniteError
+from ..files import OutputExistsError, check_output, same_file, write_atomic
+from .audio import RESAMPLER, file_sha256, list_audio_files, load_audio, overlapping_files
 from .cache import EmbeddingCache, cache_key, default_cache_dir
 from .embedders import DEFAULT_CLAP, DEFAULT_CLIP, load_embedder
 from .frechet import fit_frechet_distance_inf, frechet_distance
@@ -68,17 +69,73 @@ def embed_files(embedder: Any, files: Sequence[Path], cache: EmbeddingCache | No
                 for name, value in found.items():
                     out[name].append(value)
                 continue
+        waveform = load_audio(path, embedder.sample_rate)  # its errors name the file already
         try:
-            waveform = load_audio(path, embedder.sample_rate)
             values = embedder.embed_outputs(waveform)
         except ValueError as exc:
             raise ValueError(f"{str(path)!r}: {exc}") from None
-        for name in embedder.outputs:
-            value = np.asarray(values[name], dtype=np.float32)
+        arrays = {name: np.asarray(values[name], dtype=np.float32) for name in embedder.outputs}
+        for name, value in arrays.items():
+            if not np.isfinite(value).all():
+                raise NonFiniteError(f"{str(path)!r}: the {embedder.name} {name} holds NaN or infinite values "
+                                     "(the audio decodes to finite samples; are the embedder's weights sound?)")
+        for name, value in arrays.items():
             out[name].append(value)
             if keys is not None:
                 cache.put(keys[name], value)
     return out
+
+
+def _finite(values: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise NonFiniteError(f"{what}: NaN or infinite values; no metric is computed from them")
+    return values
+
+
+def _no_nan(value: Any, where: str = "result") -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite float inside a JSON-ready ``value``."""
+    if isinstance(value, float) and not np.isfinite(value):
+        raise NonFiniteError(f"{where}: {value} is not a finite number; nothing is reported")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _no_nan(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _no_nan(item, f"{where}[{i}]")
+
+
+def input_files(generated: str | os.PathLike, reference: str | os.PathLike | None,
+                needs_reference: bool = True) -> tuple[list[Path], list[Path]]:
+    """The generated and the reference audio files, two sets that never overlap.
+
+    The same folder for both is a ``ValueError``; a folder nested in the other is left out of the other's
+    listing (``--generated out --reference out/ref`` evaluates ``out`` without ``out/ref``); a file that
+    is in both sets anyway (a link) is a ``ValueError`` naming it. The reference is listed only when
+    ``needs_reference``, but it is always left out of the generated set.
+    """
+    gen_root = Path(generated)
+    ref_root = Path(reference) if reference is not None else None
+    if ref_root is not None and gen_root.is_dir() and ref_root.is_dir() and same_file(gen_root, ref_root):
+        raise ValueError(f"reference: {str(ref_root)!r} is the generated folder itself; --generated and "
+                         "--reference must name different folders (the two sets must not overlap)")
+    gen_files = list_audio_files(gen_root, "generated", exclude=[ref_root])
+    ref_files = list_audio_files(ref_root, "reference", exclude=[gen_root]) if needs_reference else []
+    shared = overlapping_files(gen_files, ref_files)
+    if shared:
+        shown = ", ".join(str(p) for p in shared[:5]) + (f" ... ({len(shared)} in all)" if len(shared) > 5 else "")
+        raise ValueError(f"generated, reference: {shown} {'is' if len(shared) == 1 else 'are'} in both sets "
+                         "(a link?); --generated and --reference must not share files")
+    return gen_files, ref_files
+
+
+def _check_cache_dir(root: Path, inputs: Sequence[str | os.PathLike | None]) -> None:
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"cache_dir: {str(root)!r} is a file; give a folder (or cache=False / --no-cache)")
+    resolved = root.expanduser().resolve()
+    for folder in inputs:
+        if folder is not None and Path(folder).is_dir() and resolved.is_relative_to(Path(folder).resolve()):
+            raise ValueError(f"cache_dir: {str(root)!r} is inside the input folder {str(folder)!r}; the cache "
+                             "never writes into the audio it evaluates: choose another --cache-dir or --no-cache")
 
 
 def _embedder(value: Any, name: str, what: str, device: str, **options: Any) -> Any:
@@ -132,6 +189,13 @@ def evaluate(
         fad_inf: also report FAD extrapolated to infinitely many generated frames.
         kl_variant: ``"softmax"`` or ``"sigmoid"``; imsm_mode: ``"paper"`` or ``"released"``.
 
+    The generated and reference sets never overlap (:func:`input_files`): the same folder for both is a
+    ``ValueError``, and a folder nested in the other is left out of the other's listing. The embedding
+    cache must not be a file or lie inside an input folder. A clip of silence is valid input (its
+    embeddings are finite); a clip with NaN/inf samples, a truncated or corrupt file, or an embedding
+    that is not finite is a ``ValueError`` naming the file, so no metric is ever NaN (``fad_inf``'s
+    ``r2`` is None when every subset size gives the same distance).
+
     Returns:
         ``{"metrics": {name: {"value", "n", ...}}, "embedders": {...}, "settings": {...}, ...}``.
     """
@@ -140,13 +204,10 @@ def evaluate(
         raise ValueError(f"kl_variant: expected one of {KL_VARIANTS}, got {kl_variant!r}")
     if imsm_mode not in IMSM_MODES:
         raise ValueError(f"imsm_mode: expected one of {IMSM_MODES}, got {imsm_mode!r}")
-    gen_files = list_audio_files(generated, "generated")
     needs_ref = [m for m in names if m in _NEEDS_REFERENCE]
-    ref_files: list[Path] = []
-    if needs_ref:
-        if reference is None:
-            raise ValueError(f"reference: the metrics {', '.join(needs_ref)} need a reference directory")
-        ref_files = list_audio_files(reference, "reference")
+    if needs_ref and reference is None:
+        raise ValueError(f"reference: the metrics {', '.join(needs_ref)} need a reference directory")
+    gen_files, ref_files = input_files(generated, reference, needs_reference=bool(needs_ref))
     pairs = pair_by_stem(gen_files, ref_files) if "kl" in names else None
     rows = None
     needs_manifest = [m for m in names if m in _NEEDS_MANIFEST]
@@ -156,7 +217,10 @@ def evaluate(
                              "'captions', 'location' and, for imsm, 'img_path')")
         rows = match_manifest(gen_files, read_manifest(manifest), need_images="imsm" in names)
 
-    store = EmbeddingCache(cache_dir if cache_dir is not None else default_cache_dir()) if cache else None
+    store = None
+    if cache:
+        store = EmbeddingCache(cache_dir if cache_dir is not None else default_cache_dir())
+        _check_cache_dir(store.root, [generated, reference])
     result: dict[str, Any] = {
         "metrics": {},
         "embedders": {},
@@ -191,7 +255,8 @@ def evaluate(
             fit = _frechet(fit_frechet_distance_inf, g, r, sizes=fad_inf_sizes, seed=seed)
             result["metrics"]["fad_inf"] = {
                 "value": fit.value, "n": f"{len(fit.sizes)} sizes {fit.sizes[0]}..{fit.sizes[-1]}",
-                "slope": fit.slope, "r2": fit.r2, "sizes": fit.sizes, "distances": fit.distances,
+                "slope": fit.slope, "r2": fit.r2 if np.isfinite(fit.r2) else None,  # None: all sizes agree
+                "sizes": fit.sizes, "distances": fit.distances,
                 "embedder": "vggish"}
 
     if "fd" in names or "kl" in names:
@@ -218,15 +283,15 @@ def evaluate(
         clap_emb = _embedder(clap, "clap", "clap: give a CLAP model (hub id or folder)", device)
         result["embedders"]["clap"] = _describe(clap_emb)
         audio = np.concatenate(embed_files(clap_emb, gen_files, store, progress, "clap generated")["embedding"])
-        clap_texts = clap_emb.embed_text(texts)
+        clap_texts = _finite(clap_emb.embed_text(texts), "clap: the caption embeddings")
         if "clap" in names:
             result["metrics"]["clap"] = {"value": clap_score(audio, clap_texts), "n": f"{len(audio)} pairs",
                                          "embedder": "clap"}
         if "imsm" in names:
             clip_emb = _embedder(clip, "clip", "clip: give a CLIP model (hub id or folder)", device)
             result["embedders"]["clip"] = _describe(clip_emb)
-            images = clip_emb.embed_images([row.image for row in rows])
-            image_text = cosine_similarity(images, clip_emb.embed_text(texts))
+            images = _finite(clip_emb.embed_images([row.image for row in rows]), "clip: the image embeddings")
+            image_text = cosine_similarity(images, _finite(clip_emb.embed_text(texts), "clip: the caption embeddings"))
             audio_text = cosine_similarity(audio, clap_texts)
             scales = ({"image_logit_scale": clip_emb.logit_scale, "audio_logit_scale": clap_emb.logit_scale}
                       if imsm_mode == "released" else {})
@@ -236,6 +301,7 @@ def evaluate(
 
     if store is not None:
         result["cache"] = {"dir": str(store.root), "hits": store.hits, "misses": store.misses}
+    _no_nan(result["metrics"], "metrics")
     return result
 
 
@@ -257,19 +323,31 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(data: Any, path: str | os.PathLike) -> Path:
-    """Write ``data`` as indented JSON, atomically (a temporary file in the same folder, then ``os.replace``)."""
-    return write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+def write_json(data: Any, path: str | os.PathLike, *, overwrite: bool = False,
+               inputs: Sequence[str | os.PathLike | None] = (), name: str = "out") -> Path:
+    """Write ``data`` as indented JSON, atomically (a temporary file in the same folder, then ``os.replace``).
+
+    An existing ``path`` is replaced only with ``overwrite`` (else :class:`~melfusion.files.OutputExistsError`),
+    one of ``inputs`` never; a non-finite number in ``data`` is a ``ValueError`` (JSON has no NaN).
+    """
+    path = check_output(path, name, overwrite=overwrite, inputs=inputs)
+    _no_nan(data, "result")
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``melfusion evaluate``'s options to ``parser``."""
     parser.add_argument("--generated", required=True, help="folder of generated audio files")
-    parser.add_argument("--reference", default=None, help="folder of reference audio files (fad, fd, kl)")
+    parser.add_argument("--reference", default=None,
+                        help="folder of reference audio files (fad, fd, kl); never the generated folder; a folder "
+                        "nested in the other is left out of the other's files")
     parser.add_argument("--manifest", default=None,
                         help="JSON lines with captions, location, img_path (imsm, clap)")
     parser.add_argument("--metrics", default="fad,fd,kl", help=f"comma-separated subset of {','.join(METRICS)}")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None,
+                        help="write the results as JSON here (.json; an existing file only with --overwrite, "
+                        "an input never)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--cache-dir", default=None,
                         help="embedding cache folder (default $MELFUSION_CACHE or ~/.cache/melfusion/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
@@ -291,11 +369,31 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _local_inputs(args: argparse.Namespace) -> list[Path]:
+    """Files this run reads that a ``.json`` --out could name: the manifest, weights files, model folders' JSON."""
+    found = []
+    for value in (args.manifest, args.vggish, args.vggish_pca, args.panns, args.clap, args.clip):
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(p for p in sorted(path.rglob("*.json"))[:1000])
+    return found
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``evaluate`` from parsed arguments, print the table, write ``--out``; 0 on success.
 
-    Bad input raises ``ValueError`` / ``OSError`` naming the argument or file.
+    ``--out`` is checked before any work: it must end in ``.json``, not be an input (the manifest, a
+    weights or model-config file), and not exist unless ``--overwrite``. Bad input raises ``ValueError`` /
+    ``OSError`` naming the argument or file.
     """
+    overwrite = bool(getattr(args, "overwrite", False))
+    inputs = _local_inputs(args) if args.out else []
+    if args.out:
+        check_output(args.out, "--out", overwrite=overwrite, inputs=inputs, suffixes=(".json",))
     result = evaluate(
         args.generated, args.reference, metrics=args.metrics, manifest=args.manifest,
         vggish=args.vggish, panns=args.panns, clap=args.clap, clip=args.clip,
@@ -307,5 +405,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for message in result["warnings"]:
         print(f"warning: {message}", file=sys.stderr)
     if args.out:
-        print(f"wrote {write_json(result, args.out)}")
+        try:
+            path = write_json(result, args.out, overwrite=overwrite, inputs=inputs, name="--out")
+        except OutputExistsError as exc:  # it appeared while the metrics were computed
+            raise OutputExistsError(f"{exc} (it appeared during the run; the results above were not saved)") from None
+        print(f"wrote {path}")
     return 0

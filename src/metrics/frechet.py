@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..checks import finite_float
+
 __all__ = [
     "FewSamplesWarning",
     "NearSingularWarning",
@@ -65,10 +67,18 @@ def _check_set(x, name: str, dim: int | None = None) -> np.ndarray:
     return arr
 
 
+def _stats(arr: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(over="ignore", invalid="ignore"):
+        mu, sigma = arr.mean(axis=0), np.atleast_2d(np.cov(arr, rowvar=False))
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{name}: the values are too large for a covariance in float64 (it overflows); "
+                         f"largest magnitude {float(np.abs(arr).max()):.3g}")
+    return mu, sigma
+
+
 def gaussian_stats(x) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(d,)`` and unbiased covariance ``(d, d)`` (float64) of an ``(n, d)`` array."""
-    arr = _check_set(x, "x")
-    return arr.mean(axis=0), np.atleast_2d(np.cov(arr, rowvar=False))
+    return _stats(_check_set(x, "x"), "x")
 
 
 def _sqrt_psd(s: np.ndarray) -> np.ndarray:
@@ -113,8 +123,7 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> 
     mu2, sigma2 = _check_stats(mu2, sigma2, "mu2/sigma2")
     if mu1.shape != mu2.shape:
         raise ValueError(f"mu2: expected dimension {mu1.shape[0]} to match mu1, got {mu2.shape[0]}")
-    if eps < 0:
-        raise ValueError(f"eps: expected a non-negative number, got {eps}")
+    eps = finite_float(eps, "eps", low=0.0)
     diff = mu1 - mu2
 
     def _fd(s1: np.ndarray, s2: np.ndarray) -> float:
@@ -168,8 +177,8 @@ def frechet_distance(a, b, eps: float = 1e-6) -> float:
                 FewSamplesWarning,
                 stacklevel=2,
             )
-    mu1, s1 = a.mean(axis=0), np.atleast_2d(np.cov(a, rowvar=False))
-    mu2, s2 = b.mean(axis=0), np.atleast_2d(np.cov(b, rowvar=False))
+    mu1, s1 = _stats(a, "a")
+    mu2, s2 = _stats(b, "b")
     if a.shape[0] < d or b.shape[0] < d:  # already warned: the offset is expected, not news
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NearSingularWarning)
@@ -222,13 +231,17 @@ def fit_frechet_distance_inf(
     a = _check_set(a, "a")
     b = _check_set(b, "b", dim=a.shape[1])
     n = a.shape[0]
+    if sizes is not None:
+        raw = np.asarray(sizes)
+        if raw.ndim != 1 or raw.dtype.kind not in "iu":
+            raise ValueError(f"sizes: expected a list of integer subset sizes, got {sizes!r}")
     sizes = _default_sizes(n) if sizes is None else np.unique(np.asarray(sizes, dtype=int))
     if sizes.ndim != 1 or sizes.size < 2:
         raise ValueError(f"sizes: expected at least 2 distinct subset sizes, got {sizes.tolist()}")
     if sizes.min() < 2 or sizes.max() > n:
         raise ValueError(f"sizes: each size must be in 2..{n} (the rows of a), got {sizes.tolist()}")
-    if repeats < 1:
-        raise ValueError(f"repeats: expected a positive integer, got {repeats}")
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"repeats: expected a positive integer, got {repeats!r}")
     rng = np.random.default_rng(seed)
     means = []
     with warnings.catch_warnings():

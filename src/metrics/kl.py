@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit, log_expit, log_softmax, softmax, xlogy
 
+from ..checks import finite_float
+
 __all__ = ["KL_VARIANTS", "KL_DIRECTION", "kl_divergence", "kl_divergence_per_pair", "pair_by_stem"]
 
 KL_VARIANTS = ("softmax", "sigmoid")
@@ -48,20 +50,30 @@ def _check_logits(x, name: str, shape: tuple[int, ...] | None = None) -> np.ndar
 
 def kl_divergence_per_pair(generated_logits, reference_logits, variant: str = "softmax",
                            eps: float = KL_EPS) -> np.ndarray:
-    """``sum_c p_c (log p_c - log(q_c + eps))`` for each pair (row): ``p`` from the reference, ``q`` generated."""
+    """``sum_c p_c (log p_c - log(q_c + eps))`` for each pair (row): ``p`` from the reference, ``q`` generated.
+
+    ``eps=0`` takes ``log q`` from ``log_softmax`` / ``log_sigmoid`` directly, so a generated probability
+    that underflows to 0 still gives a finite divergence. Finite logits always give finite values.
+    """
     if variant not in KL_VARIANTS:
         raise ValueError(f"variant: expected one of {KL_VARIANTS}, got {variant!r}")
+    eps = finite_float(eps, "eps", low=0.0)
     gen = _check_logits(generated_logits, "generated_logits")
     ref = _check_logits(reference_logits, "reference_logits", shape=gen.shape)
-    if variant == "softmax":
-        p, log_p = softmax(ref, axis=1), log_softmax(ref, axis=1)
-        q = softmax(gen, axis=1)
-    else:
-        p, log_p = expit(ref), log_expit(ref)
-        q = expit(gen)
+    with np.errstate(over="ignore"):  # logits near the float limit: softmax's shift overflows harmlessly
+        if variant == "softmax":
+            p, log_p = softmax(ref, axis=1), log_softmax(ref, axis=1)
+            q, log_q = softmax(gen, axis=1), log_softmax(gen, axis=1)
+        else:
+            p, log_p = expit(ref), log_expit(ref)
+            q, log_q = expit(gen), log_expit(gen)
     # p * log p is 0 where p underflows to 0 (as torch's kl_div treats a zero target)
     plogp = np.where(p > 0, p * log_p, 0.0)
-    return (plogp - xlogy(p, q + eps)).sum(axis=1)
+    plogq = np.where(p > 0, p * log_q, 0.0) if eps == 0 else xlogy(p, q + eps)
+    out = (plogp - plogq).sum(axis=1)
+    if not np.isfinite(out).all():
+        raise FloatingPointError("kl_divergence: the divergence is not finite (logits beyond float range?)")
+    return out
 
 
 def kl_divergence(generated_logits, reference_logits, variant: str = "softmax", eps: float = KL_EPS) -> float:

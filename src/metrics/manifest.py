@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..datasets.audio import file_problem
+
 __all__ = ["ManifestRow", "read_manifest", "match_manifest"]
 
 
@@ -28,7 +30,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, ManifestRow]:
     """Rows by the stem of their audio path; a ``ValueError`` naming the manifest and row on bad input.
 
     Any manifest that :func:`melfusion.datasets.read_manifest` reads works
-    (JSON lines, CSV, a folder of matching files).
+    (JSON lines, CSV, a folder of matching files). ``captions`` may be a string or a list of strings, of
+    which the first is used (docs/evaluation.md); an empty or whitespace caption, an empty manifest and
+    two rows with the same audio stem are errors.
     """
     from ..datasets import read_manifest as read_rows
 
@@ -63,8 +67,8 @@ def match_manifest(files: list[Path], rows: dict[str, ManifestRow], need_images:
         if no_image:
             raise ValueError(f"manifest: IMSM needs an 'img_path' for every generated file; missing for "
                              f"{', '.join(no_image[:10])}" + (f" ... ({len(no_image)} in all)" if len(no_image) > 10 else ""))
-        absent = [str(r.image) for r in matched if not r.image.is_file()]
+        absent = [f"{str(r.image)!r} {why}" for r in matched if (why := file_problem(r.image, "image file"))]
         if absent:
-            raise ValueError(f"manifest: image files not found: {', '.join(absent[:10])}"
+            raise ValueError(f"manifest: image files not usable: {'; '.join(absent[:10])}"
                              + (f" ... ({len(absent)} in all)" if len(absent) > 10 else ""))
     return matched

@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import softmax
 
+from ..checks import finite_float
+
 __all__ = ["IMSM_MODES", "cosine_similarity", "clap_score", "imsm", "imsm_matrix"]
 
 IMSM_MODES = ("paper", "released")
@@ -45,6 +47,7 @@ def _as_2d(x, name: str) -> np.ndarray:
 
 
 def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
+    x = x / np.abs(x).max(axis=1, keepdims=True).clip(min=np.finfo(np.float64).tiny)  # no over/underflow
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
         raise ValueError(f"{name}: row(s) {np.flatnonzero(norms[:, 0] == 0).tolist()[:10]} are all zeros "
@@ -106,11 +109,15 @@ def imsm_matrix(image_text, audio_text, mode: str = "paper", *, image_logit_scal
     """
     if mode not in IMSM_MODES:
         raise ValueError(f"mode: expected one of {IMSM_MODES}, got {mode!r}")
-    it = _check_square(image_text, "image_text") * float(image_logit_scale)
-    at = _check_square(audio_text, "audio_text", n=it.shape[0]) * float(audio_logit_scale)
-    if mode == "paper":
-        return it @ at.T
-    return softmax(softmax(it, axis=1) @ softmax(at, axis=1).T, axis=1)
+    image_logit_scale = finite_float(image_logit_scale, "image_logit_scale", low=0.0, low_open=True)
+    audio_logit_scale = finite_float(audio_logit_scale, "audio_logit_scale", low=0.0, low_open=True)
+    it = _check_square(image_text, "image_text") * image_logit_scale
+    at = _check_square(audio_text, "audio_text", n=it.shape[0]) * audio_logit_scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = it @ at.T if mode == "paper" else softmax(softmax(it, axis=1) @ softmax(at, axis=1).T, axis=1)
+    if not np.isfinite(out).all():
+        raise FloatingPointError("imsm: the matrix is not finite (similarities or logit scales beyond float range)")
+    return out
 
 
 def imsm(image_text, audio_text, mode: str = "paper", *, image_logit_scale: float = 1.0,

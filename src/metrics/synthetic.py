@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import NonFiniteError, positive_int
+from ..datasets.audio import load_audio
 from ..datasets.synthetic import ATTRIBUTES, CHANCE, AttributeReading, attribute_accuracy, read_attributes
 
 __all__ = ["SyntheticScore", "score_synthetic", "mel_band_embedding", "read_synthetic_rows"]
@@ -44,23 +46,58 @@ class SyntheticScore:
 
 
 def read_synthetic_rows(manifest: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The rows of a synthetic manifest, with ``location``/``img_path`` made absolute."""
+    """The rows of a synthetic manifest, with ``location``/``img_path`` made absolute.
+
+    ``captions`` may be a string or a list of strings (the first is used, as everywhere). A line that is
+    not UTF-8 or not a JSON object, or lacks a field, is a ``ValueError`` naming the manifest and the row.
+    """
+    from ..datasets.manifest import caption_text
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected a positive integer or None, got {limit!r}")
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest: no such file {str(manifest)!r}")
     rows = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(manifest.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
             continue
-        row = json.loads(line)
+        where = f"manifest: row {number} of {str(manifest)!r}"
+        try:
+            row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{where} is not UTF-8 text") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{where} is not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is a JSON {type(row).__name__}, not an object")
         missing = [k for k in ("captions", "location", "img_path", *ATTRIBUTES) if k not in row]
         if missing:
-            raise ValueError(f"manifest: row {number} of {str(manifest)!r} lacks {missing}; "
-                             "is it a synthetic manifest (write_synthetic_manifest)?")
+            raise ValueError(f"{where} lacks {missing}; is it a synthetic manifest (write_synthetic_manifest)?")
+        caption, why = caption_text(row["captions"])
+        if why:
+            raise ValueError(f"{where}: {why}")
+        bad = [k for k in ("location", "img_path") if not isinstance(row[k], str) or not row[k].strip()]
+        if bad:
+            raise ValueError(f"{where}: {', '.join(bad)} must be non-empty strings")
+        row["captions"] = caption
         row["location"] = str(manifest.parent / row["location"])
         row["img_path"] = str(manifest.parent / row["img_path"])
         rows.append(row)
-    return rows[:limit] if limit is not None else rows
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def _native_rate(path: str, default: int) -> int:
+    """The sample rate a file's header declares (``default`` where soundfile cannot tell: load_audio then
+    decodes it another way, or says what is wrong)."""
+    import soundfile as sf
+
+    try:
+        return int(sf.info(path).samplerate)
+    except (RuntimeError, OSError, ValueError):
+        return default
 
 
 def mel_band_embedding(waveform: np.ndarray, sample_rate: int, bands: int = 16) -> np.ndarray:
@@ -80,11 +117,11 @@ def score_synthetic(model, manifest: str | Path, *, limit: int | None = None, nu
                     alpha: float | None = None, swap_images: bool = False, text: str | None = None,
                     progress: bool = True) -> SyntheticScore:
     """Generate one clip per manifest row and score it (see the module doc)."""
-    import soundfile as sf
     from tqdm.auto import tqdm
 
     from ..metrics.frechet import frechet_distance
 
+    batch_size = positive_int(batch_size, "batch_size")
     rows = read_synthetic_rows(manifest, limit)
     if not rows:
         raise ValueError(f"manifest: {str(manifest)!r} has no rows")
@@ -107,15 +144,19 @@ def score_synthetic(model, manifest: str | Path, *, limit: int | None = None, nu
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                  image_guidance_scale=image_guidance_scale if use_image else None,
                                  seed=seed + start, progress=False)
-            for wave in out.waveforms:
+            for offset, wave in enumerate(out.waveforms):
+                if not np.isfinite(wave).all():
+                    raise NonFiniteError(f"score_synthetic: the clip generated for the row of "
+                                         f"{rows[start + offset]['location']!r} holds NaN or infinite samples; "
+                                         "nothing is scored")
                 readings.append(read_attributes(wave, out.sample_rate))
                 generated.append(mel_band_embedding(wave, out.sample_rate))
             bar.update(stop - start)
     bar.close()
     real = []
-    for r in rows:
-        audio, sr = sf.read(r["location"], dtype="float32", always_2d=True)
-        real.append(mel_band_embedding(audio.mean(axis=1), sr))
+    for r in rows:  # at the file's own rate; load_audio refuses truncated, corrupt or non-finite files
+        sr = _native_rate(r["location"], out.sample_rate)
+        real.append(mel_band_embedding(load_audio(r["location"], sr, name="manifest audio"), sr))
     accuracy = attribute_accuracy(readings, rows)
     vs_image = None
     if swap_images:

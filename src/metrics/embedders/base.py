@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ...checks import NonFiniteError, non_finite_names
+
 __all__ = ["Embedder", "AudioEmbedder", "state_dict_sha256", "read_checkpoint", "resolve_weights_file",
            "check_waveform"]
 
@@ -119,6 +121,11 @@ def read_checkpoint(path: str | os.PathLike, what: str) -> dict[str, torch.Tenso
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError(f"{what}: no tensors in {str(path)!r}")
+    bad = non_finite_names(tensors)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(f"{what}: {len(bad)} tensor(s) in {str(path)!r} hold NaN or infinite values ({shown}); "
+                             "every embedding would be NaN")
     return tensors
 
 
