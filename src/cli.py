@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(config)
     main = trainer.accelerator.is_main_process
     try:
-        result = trainer.train(resume=args.resume or False)
+        result = trainer.train(resume=args.resume if args.resume is not None else False)
     except NonFiniteLossError as exc:
         print(f"melfusion train: {exc}", file=sys.stderr)
         return 1
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the one error boundary: every failure is one line, never a traceback
         code, line = describe_error(exc)
-        print(f"melfusion {args.command}: {line}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch every rank fails alike: one line
+            print(f"melfusion {args.command}: {line}", file=sys.stderr)
         if code == 1 and os.environ.get("MELFUSION_TRACEBACK"):
             raise
         return code

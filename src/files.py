@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path", "write_atomic", "check_output", "replace_folder", "clean_leftovers", "same_file",
-           "apply_umask", "OutputExistsError"]
+           "apply_umask", "pid_alive", "OutputExistsError"]
 
 
 class OutputExistsError(FileExistsError):
@@ -140,7 +140,8 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's process counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -166,7 +167,7 @@ def clean_leftovers(target: str | os.PathLike) -> list[Path]:
             pid = int(tmp.name.rsplit(f"{_TMP_TAG}-", 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if _pid_alive(pid):
+        if pid_alive(pid):
             continue
         if not target.exists() and (tmp / _COMPLETE).is_file():
             os.replace(tmp, target)

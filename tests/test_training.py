@@ -250,13 +250,13 @@ def test_killed_checkpoint_write_leaves_the_previous_one_loadable(toy, tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "run" / "checkpoints"
-    assert list(folder.glob(".tmp-step-00000004-*")), "the kill did not happen during the write"
+    assert list(folder.glob(".step-00000004.melfusion-tmp-*")), "the kill did not happen during the write"
     last = latest_checkpoint(folder)
     assert last.name == "step-00000002"
     # resuming continues from step 2 and cleans up the half-written folder
     trainer = Trainer(make_config(toy, tmp_path / "run", max_steps=4, checkpoint_every=2))
     assert trainer.train(resume=True).step == 4
-    assert not list(folder.glob(".tmp-step-*"))
+    assert not list(folder.glob(".step-*.melfusion-tmp-*"))
     assert latest_checkpoint(folder).name == "step-00000004"
 
 

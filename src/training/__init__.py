@@ -4,7 +4,8 @@ from .checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, s
 from .config import TRAIN_MODES, DataConfig, EMAConfig, OptimConfig, TrainConfig
 from .logs import TrainingLog, plot_training_log
 from .mini import MiniRecipe, train_mini
-from .trainer import NonFiniteLossError, Trainer, TrainResult, train
+from .runfolder import RunFolderLockedError, RunLock
+from .trainer import NonFiniteLossError, NonFiniteWeightsError, Trainer, TrainResult, train
 
 __all__ = [
     "TrainConfig",
@@ -15,6 +16,9 @@ __all__ = [
     "Trainer",
     "TrainResult",
     "NonFiniteLossError",
+    "NonFiniteWeightsError",
+    "RunFolderLockedError",
+    "RunLock",
     "train",
     "MiniRecipe",
     "train_mini",

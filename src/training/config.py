@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -19,10 +19,11 @@ from pydantic import (
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
+    ValidationError,
     model_validator,
 )
 
-from ..config import MelFusionConfig
+from ..config import MelFusionConfig, validation_message
 
 __all__ = ["TrainConfig", "DataConfig", "OptimConfig", "EMAConfig", "TRAIN_MODES"]
 
@@ -31,13 +32,20 @@ TRAIN_MODES = ("alphas", "synapse", "synapse+unet")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # NaN and infinities are refused in every float field: ``unet_lr: .inf`` passes ``gt=0`` and trains NaN weights
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+#: an Adam beta: the decay of a moving average, in [0, 1)
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+#: a non-empty path (an empty one would mean the current folder)
+_Path = Annotated[str, Field(min_length=1)]
 
 
 class DataConfig(_Strict):
     """Where the triplets come from and how each is cut to the training clip."""
 
-    manifest: str | None = None  # JSON lines, CSV, or a folder of name.wav/name.jpg/name.txt
+    manifest: _Path | None = None  # JSON lines, CSV, or a folder of name.wav/name.jpg/name.txt
     format: Literal["jsonl", "csv", "folder"] | None = None  # None: from the manifest's suffix
     columns: dict[str, str] | None = None  # {"caption": ..., "audio": ..., "image": ...} for jsonl/csv
     on_bad_rows: Literal["error", "skip"] = "error"
@@ -53,7 +61,7 @@ class OptimConfig(_Strict):
     synapse_lr: PositiveFloat = 1e-4  # aligners and any other synapse parameters beside the mixer
     alpha_lr: PositiveFloat = 1e-5  # the mixer's weights (the paper's alpha learning rate)
     weight_decay: NonNegativeFloat = 1e-2  # applied to the UNet and aligners; never to the alphas
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     max_grad_norm: PositiveFloat | None = 1.0
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
@@ -72,9 +80,9 @@ class TrainConfig(_Strict):
     """One training run (Algorithm 1 of the paper)."""
 
     model: MelFusionConfig | str = "tiny"  # a preset name, a model config file, or an inline config
-    init_from: str | None = None  # a save_pretrained folder whose weights (music UNet, synapse) start the run
+    init_from: _Path | None = None  # a save_pretrained folder whose weights (music UNet, synapse) start the run
     data: DataConfig = Field(default_factory=DataConfig)
-    output: str = "runs/melfusion"
+    output: _Path = "runs/melfusion"
     mode: Literal["alphas", "synapse", "synapse+unet"] = "synapse+unet"
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the denoiser's own
     min_snr_gamma: PositiveFloat | None = None  # min-SNR loss weighting; the released code uses 5
@@ -86,7 +94,7 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: PositiveInt = 1
     max_steps: PositiveInt = 1000  # optimizer steps
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # numpy's generators take no negative seeds
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     checkpoint_every: PositiveInt = 500
@@ -115,24 +123,44 @@ class TrainConfig(_Strict):
         if path.suffix in (".yaml", ".yml", ".json"):
             if not path.is_file():
                 raise ValueError(f"model: no such config file {self.model!r}")
-            return MelFusionConfig.load(path)
+            return MelFusionConfig.load(path, name="model")
         raise ValueError(f"model: {self.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          "nor a .yaml/.json model config file")
 
     # -- files ----------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read YAML or JSON; ``overrides`` (dotted keys allowed: ``data.manifest``) replace fields first."""
+        """Read YAML or JSON; ``overrides`` (dotted keys allowed: ``data.manifest``) replace fields first.
+
+        Every problem (no such file, not YAML, a bad field) is one ``ValueError`` (``FileNotFoundError``) line
+        naming the file and the field.
+        """
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config: {str(path)!r} is a folder, not a training config file")
         if not path.is_file():
             raise FileNotFoundError(f"config: no such file {str(path)!r}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML reads JSON too
+        except UnicodeDecodeError:
+            raise ValueError(f"config: {str(path)!r} is not UTF-8 text") from None
+        except yaml.YAMLError as exc:
+            where = " ".join(str(exc).split())
+            raise ValueError(f"config: {str(path)!r} is not valid YAML or JSON ({where})") from None
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ValueError(f"config: {str(path)!r} must hold a mapping at the top level")
-        return cls.from_dict(data, **overrides)
+            raise ValueError(f"config: {str(path)!r} must hold a mapping at the top level, "
+                             f"not a {type(data).__name__}")
+        try:
+            return cls.from_dict(data, **overrides)
+        except ValueError as exc:
+            raise ValueError(f"config: {str(path)!r}: {exc}") from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> TrainConfig:
+        """Validate ``data`` after ``overrides``; a bad field is one ``ValueError`` line naming it (``optim.unet_lr``)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a mapping, got {type(data).__name__}")
         data = dict(data)
         for key, value in overrides.items():
             if value is None:
@@ -140,15 +168,23 @@ class TrainConfig(_Strict):
             target = data
             *parents, leaf = key.split(".")
             for p in parents:
-                target = target.setdefault(p, {})
-                if not isinstance(target, dict):
-                    raise ValueError(f"config: {p!r} must be a mapping to override {key!r}")
+                if target.get(p) is None:  # absent, or an empty YAML section
+                    target[p] = {}
+                elif isinstance(target[p], dict):
+                    target[p] = dict(target[p])  # never change the caller's mapping
+                else:
+                    raise ValueError(f"{p}: must be a mapping to override {key!r}")
+                target = target[p]
             target[leaf] = value
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(validation_message(exc)) from None
 
     def save(self, path: str | Path) -> Path:
+        from ..files import write_atomic
+
         path = Path(path)
         data = self.model_dump(mode="json")
-        path.write_text(yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml")
-                        else json.dumps(data, indent=2))
-        return path
+        return write_atomic(path, yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml")
+                            else json.dumps(data, indent=2))

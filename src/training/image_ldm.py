@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..checks import finite_float, non_finite_names, positive_int
+
 __all__ = ["load_images", "train_image_vae", "train_image_unet"]
 
 
@@ -58,10 +60,30 @@ def _progress(steps: int, desc: str, enabled: bool):
     return tqdm(total=steps, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
+def _check_stage(steps: int, batch_size: int, lr: float, seed: int) -> None:
+    positive_int(steps, "steps")
+    positive_int(batch_size, "batch_size")
+    finite_float(lr, "lr", low=0.0, low_open=True)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+
+
+def _check_trained(what: str, module) -> None:
+    """A stage whose weights end non-finite stops (nothing would save them, but nothing should use them)."""
+    bad = non_finite_names(dict(module.named_parameters()))
+    if bad:
+        from .trainer import NonFiniteWeightsError
+
+        raise NonFiniteWeightsError(f"{what}: the trained weights hold NaN or infinite values ({', '.join(bad[:3])})"
+                                    "; lower lr")
+
+
 def _step(what: str, loss: torch.Tensor, module, opt, sched, losses: list[float], bar) -> None:
     """One optimizer step with gradient clipping; a non-finite loss stops the stage, naming the step."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"{what}: non-finite loss at step {len(losses)}")
+        from .trainer import NonFiniteLossError
+
+        raise NonFiniteLossError(f"{what}: the loss is {loss.item()} at step {len(losses) + 1}; lower lr")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -82,9 +104,15 @@ def train_image_vae(feature_source, images: torch.Tensor, *, steps: int = 600, b
     vae = feature_source.vae
     if vae is None:
         raise ValueError("feature_source: has no VAE to train")
+    _check_stage(steps, batch_size, lr, seed)
+    finite_float(latent_weight, "latent_weight", low=0.0)
     size = feature_source.resolution
-    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
-        raise ValueError(f"images: expected (n, 3, {size}, {size}) in [0, 1], got {tuple(images.shape)}")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != 3 \
+            or tuple(images.shape[-2:]) != (size, size):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected (n >= 1, 3, {size}, {size}) in [0, 1], got {got}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images: hold NaN or infinite values")
     torch.manual_seed(seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -99,6 +127,7 @@ def train_image_vae(feature_source, images: torch.Tensor, *, steps: int = 600, b
         loss = F.mse_loss(recon, x) + latent_weight * z.pow(2).mean()
         _step("image VAE", loss, vae, opt, sched, losses, bar)
     bar.close()
+    _check_trained("image VAE", vae)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         means = torch.cat([vae.encode(x_all[i: i + 64]).latent_dist.mode() for i in range(0, len(x_all), 64)])
@@ -114,6 +143,12 @@ def train_image_unet(feature_source, latents: torch.Tensor, *, steps: int = 1500
     feature source's schedule, with its empty-prompt context; a cosine learning-rate decay.
     """
     unet = feature_source.unet
+    _check_stage(steps, batch_size, lr, seed)
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] == 0:
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents: expected (n >= 1, channels, h, w), got {got}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents: hold NaN or infinite values")
     torch.manual_seed(seed)
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
@@ -134,5 +169,6 @@ def train_image_unet(feature_source, latents: torch.Tensor, *, steps: int = 1500
         pred = unet(noisy, t, encoder_hidden_states=feature_source._context(len(idx)).float()).sample
         _step("image UNet", F.mse_loss(pred, target), unet, opt, sched, losses, bar)
     bar.close()
+    _check_trained("image UNet", unet)
     unet.eval().requires_grad_(False)
     return losses

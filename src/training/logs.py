@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import math
 from pathlib import Path
 
 from ..files import write_atomic
@@ -37,9 +38,7 @@ class TrainingLog:
         """Keep only rows up to ``step`` (0: start a new log), so a resumed run's log reads as one run."""
         if not self.enabled or not self.path.is_file():
             return
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        fields = list(rows[0].keys()) if rows else []
+        fields, rows = read_log(self.path)
         kept = [r for r in rows if int(float(r["step"])) <= step]
         write_atomic(self.path, _csv_text(fields, kept) if kept else "")
 
@@ -86,8 +85,7 @@ def plot_training_log(csv_path: str | Path, png_path: str | Path) -> Path | None
     import matplotlib.pyplot as plt
     import numpy as np
 
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    _, rows = read_log(csv_path)
     if not rows:
         return None
     steps = np.array([float(r["step"]) for r in rows])
@@ -111,7 +109,7 @@ def plot_training_log(csv_path: str | Path, png_path: str | Path) -> Path | None
         ax = axes[0, 1]
         cmap = plt.get_cmap("viridis", max(len(alpha_keys), 2))
         for i, k in enumerate(alpha_keys):
-            ax.plot(steps, [float(r[k]) for r in rows], color=cmap(i), lw=1.5, label=f"layer {k[6:]}")
+            ax.plot(steps, [_number(r[k]) for r in rows], color=cmap(i), lw=1.5, label=f"layer {k[6:]}")
         ax.set_xlabel("step")
         ax.set_ylabel("alpha")
         ax.set_title("synapse alpha per layer")
@@ -123,6 +121,38 @@ def plot_training_log(csv_path: str | Path, png_path: str | Path) -> Path | None
     png_path = Path(png_path)
     write_atomic(png_path, buffer.getvalue())
     return png_path
+
+
+def read_log(path: str | Path) -> tuple[list[str], list[dict]]:
+    """``(columns, rows)`` of a training log; rows a killed run left half-written (no step or loss) are dropped."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            fields = list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise OSError(f"log: {str(path)!r} is not a training log CSV ({exc})") from None
+    if rows and not {"step", "loss"} <= set(fields):
+        raise OSError(f"log: {str(path)!r} is not a training log CSV (no step and loss columns)")
+    good = []
+    for r in rows:
+        if None in r or any(v is None for v in r.values()):  # too many or too few fields: a cut-off line
+            continue
+        try:
+            if not math.isfinite(float(r["step"])):
+                continue
+            float(r["loss"])  # a NaN loss is a fact worth plotting; an unreadable one is a cut-off line
+        except ValueError:
+            continue
+        good.append(r)
+    return fields, good
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
 
 
 def _csv_text(fields: list[str], rows: list[dict]) -> str:

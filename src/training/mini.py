@@ -18,6 +18,7 @@ it once per ablation variant with one shared image LDM.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ from typing import Any
 
 import torch
 
+from ..checks import finite_float, positive_int
 from ..config import MelFusionConfig
+from ..files import write_atomic
 
 __all__ = ["MiniRecipe", "train_mini", "write_mini_data"]
 
@@ -50,6 +53,20 @@ class MiniRecipe:
     #: overrides of the model config's ``synapse`` section (ablation variants), e.g. {"enabled": False}
     synapse: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # checked here, not after the image stages have run for minutes
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
+        for name in ("n_train", "n_heldout", "image_vae_steps", "image_unet_steps", "music_steps", "batch_size",
+                     "inversion_steps"):
+            positive_int(getattr(self, name), name)
+        for name in ("unet_lr", "synapse_lr", "alpha_lr"):
+            finite_float(getattr(self, name), name, low=0.0, low_open=True)
+        for name in ("text_dropout", "image_dropout"):
+            finite_float(getattr(self, name), name, low=0.0, high=1.0)
+        if not isinstance(self.synapse, dict):
+            raise ValueError(f"synapse: expected a mapping of synapse config fields, got {self.synapse!r}")
+
     def model_config(self) -> MelFusionConfig:
         cfg = MelFusionConfig.preset("mini")
         if self.synapse:
@@ -63,7 +80,7 @@ def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tup
     """The training and held-out manifests under ``folder`` (``train/``, ``heldout/``); reused if present."""
     from ..datasets.synthetic import write_synthetic_manifest
 
-    recipe = recipe or MiniRecipe()
+    recipe = MiniRecipe() if recipe is None else recipe
     folder = Path(folder)
     out = []
     for name, n, seed, start in (("train", recipe.n_train, recipe.seed, 0),
@@ -72,10 +89,34 @@ def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tup
         stamp = folder / name / ".complete"
         want = json.dumps({"n": n, "seed": seed, "start": start})
         if not (stamp.is_file() and stamp.read_text() == want and manifest.is_file()):
-            write_synthetic_manifest(folder / name, n=n, seed=seed, start=start)
-            stamp.write_text(want)
+            write_synthetic_manifest(folder / name, n=n, seed=seed, start=start, overwrite=True)  # a changed recipe
+            write_atomic(stamp, want)
         out.append(manifest)
     return out[0], out[1]
+
+
+#: what the recipe writes in its output folder
+MINI_ENTRIES = {"data": True, "music": True, "model": True, "mini_summary.json": False}
+_MINI_TEMPORARY = re.compile(r"^\.(?:mini_summary\.json\..+\.tmp|model\.melfusion-tmp-.+)$")
+
+
+def _check_mini_output(output: Path) -> None:
+    """Refuse an output that is a file, or a folder holding what the recipe does not write (nothing is replaced)."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output: {str(output)!r} is a file; give a folder for the recipe")
+    if not output.is_dir():
+        return
+    foreign = []
+    for p in sorted(output.iterdir()):
+        folder = MINI_ENTRIES.get(p.name)
+        ours = _MINI_TEMPORARY.match(p.name) or (folder is not None and not p.is_symlink()
+                                                 and (p.is_dir() if folder else p.is_file()))
+        if not ours:
+            foreign.append(p.name)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"output: {str(output)!r} holds files the mini recipe did not write ({shown}); nothing "
+                         "was changed: choose an empty or new folder")
 
 
 def _image_paths(manifest: Path) -> list[Path]:
@@ -87,12 +128,14 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
                image_from: str | Path | None = None, progress: bool = True) -> Path:
     """Train the mini model into ``output/model`` and return that folder (see the module doc)."""
     from ..pipeline import MelFusion
+    from .checkpoints import latest_checkpoint
     from .config import TrainConfig
     from .image_ldm import load_images, train_image_unet, train_image_vae
     from .trainer import Trainer
 
-    recipe = recipe or MiniRecipe()
+    recipe = MiniRecipe() if recipe is None else recipe
     output = Path(output)
+    _check_mini_output(output)
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     losses: dict[str, list[float]] = {}
@@ -129,8 +172,8 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
     cfg = MelFusionConfig.model_validate(data)
     model.config = cfg
 
-    train_cfg = TrainConfig(
-        model=cfg, output=str(output / "music"), mode="synapse+unet" if cfg.synapse.enabled else "synapse+unet",
+    train_cfg = TrainConfig.from_dict(dict(
+        model=cfg, output=str(output / "music"), mode="synapse+unet",
         data={"manifest": str(train_manifest), "random_crop": False},
         image_features="inverted", inversion_steps=recipe.inversion_steps, batch_size=recipe.batch_size,
         max_steps=recipe.music_steps, seed=recipe.seed, text_dropout=recipe.text_dropout,
@@ -139,10 +182,11 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
                "lr_scheduler": "cosine", "warmup_steps": max(1, recipe.music_steps // 30)},
         checkpoint_every=max(1, recipe.music_steps // 4), keep_last=1, log_every=25, tensorboard=False,
         progress=progress,
-    )
+    ))
     start = time.perf_counter()
     trainer = Trainer(train_cfg, model=model)
-    resume = (output / "music" / "checkpoints").is_dir() and any((output / "music" / "checkpoints").iterdir())
+    # an earlier run of the recipe that got as far as a checkpoint continues from it
+    resume = latest_checkpoint(output / "music" / "checkpoints") is not None
     result = trainer.train(resume=resume)
     timings["music_s"] = time.perf_counter() - start
     losses["music"] = result.losses
@@ -151,7 +195,7 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
                "heldout_manifest": str(heldout_manifest), "model": str(model_dir),
                "final_losses": {k: sum(v[-50:]) / max(len(v[-50:]), 1) for k, v in losses.items()},
                "alphas": trainer._alphas()}
-    (output / "mini_summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(output / "mini_summary.json", json.dumps(summary, indent=2))
     return model_dir
 
 

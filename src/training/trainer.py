@@ -38,10 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_path
+from ..checks import NonFiniteError, check_size, non_finite_names, positive_int
+from ..files import OutputExistsError, atomic_path
 from ..pipeline import MelFusion, _frozen_modules, make_scheduler, noise_schedule
 from ..synapse.features import FeatureCache, tensor_digest
 from .checkpoints import (
+    CHECKPOINT_PATTERN,
+    STATE_NAME,
     latest_checkpoint,
     load_checkpoint,
     optimizer_state_from_files,
@@ -50,12 +53,50 @@ from .checkpoints import (
 )
 from .config import TrainConfig
 from .logs import TrainingLog
+from .runfolder import RunFolderLockedError, RunLock, check_fresh_run, check_run_folder
 
-__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "train"]
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "NonFiniteWeightsError", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint written before it is intact."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The trained weights (or the optimizer state) hold NaN or infinities; nothing of them was saved.
+
+    A :class:`NonFiniteLossError` (the loss would be next), so whoever handles one handles both.
+    """
+
+
+# what _on_main carries from the main process to the others, by class name
+_SHARED_ERRORS = {cls.__name__: cls for cls in (
+    ValueError, OSError, FileNotFoundError, FileExistsError, PermissionError, OutputExistsError,
+    RunFolderLockedError, NonFiniteError, NonFiniteLossError, NonFiniteWeightsError)}
+
+
+def manifest_digest(path: str | Path) -> str:
+    """SHA-256 of a manifest file's bytes; for a folder manifest, of its files' relative names and sizes."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\n".encode())
+    else:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_resume(resume: Any) -> bool | Path:
+    if resume is None or resume is False:
+        return False
+    if resume is True:
+        return True
+    if isinstance(resume, (str, os.PathLike)) and str(resume) != "":
+        return Path(resume)
+    raise ValueError(f"resume: expected True, False or a checkpoint folder, got {resume!r}")
 
 
 @dataclass
@@ -200,9 +241,28 @@ class Trainer:
         self.output = Path(config.output)
         self.checkpoint_dir = self.output / "checkpoints"
         self.device = acc.device
+        self.step = 0
+        self._started = False  # whether train() has begun writing this run's folder
         if config.data.manifest is None:
             raise ValueError("data.manifest: no manifest given (set it in the config or pass --manifest)")
+        # the run folder: refused before any work if it is not one; locked from here to the end of train()
+        self._lock = RunLock(self.output)
+        self._on_main(self._open_run_folder)
+        try:
+            self._setup(model)
+        except BaseException:
+            self._lock.release(remove_created=True)  # a failed start leaves no empty folder behind
+            raise
 
+    def _open_run_folder(self) -> None:
+        check_run_folder(self.output)
+        self._lock.acquire()
+
+    def _relock(self) -> None:
+        self._lock.acquire()  # (returns None: _on_main sends results to the other processes)
+
+    def _setup(self, model: MelFusion | None) -> None:
+        config, acc = self.config, self.accelerator
         torch.manual_seed(config.seed)  # the same random initial weights on every process
         if model is None:
             if config.init_from:
@@ -224,10 +284,40 @@ class Trainer:
                                           num_training_steps=config.max_steps)
         self.wrapped, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.ema = EMA(self._trained(), config.ema.decay, config.ema.start_step) if config.ema.enabled else None
-        self.step = 0
         fs = model.feature_source  # cached image latents belong to this image model, resolution and dtype
         self._image_model_tag = (f"{model.config.feature_source.model_dump_json()}|{getattr(fs, 'resolution', None)}"
                                  f"|{getattr(fs, 'dtype', None)}")
+
+    def _on_main(self, fn):
+        """``fn()`` on the main process, its result on every process; what it raises, every process raises.
+
+        So a refused output folder or a failed save stops all processes at once instead of leaving the
+        others waiting at the next collective.
+        """
+        acc = self.accelerator
+        result, error = None, None
+        if acc.is_main_process:
+            try:
+                result = fn()
+            except Exception as exc:  # re-raised below, on every process
+                error = exc
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            shared = None if error is None else (type(error).__name__, str(error))
+            box = [result if error is None else None, shared]
+            broadcast_object_list(box, from_process=0)
+            if not acc.is_main_process:
+                result, shared = box
+                if shared is not None:
+                    error = _SHARED_ERRORS.get(shared[0], RuntimeError)(shared[1])
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        """Release the run folder's lock (``train()`` does at its end; a trainer that never trains may call this)."""
+        self._lock.release()
 
     # -- set-up -----------------------------------------------------------------------------
     def _freeze_and_select(self) -> None:
@@ -276,8 +366,16 @@ class Trainer:
             schedule["prediction_type"] = c.prediction_type
         self.prediction_type = schedule["prediction_type"]
         self.alphas_cumprod = make_scheduler("ddpm", **schedule).alphas_cumprod.to(self.device, torch.float64)
-        seconds = c.data.seconds or m.config.sampling.seconds
-        height, _ = m.latent_hw(seconds, "data.seconds")
+        seconds = m.config.sampling.seconds if c.data.seconds is None else c.data.seconds
+        height, width = m.latent_hw(seconds, "data.seconds")
+        # a lower bound of a batch's memory (audio, the widest UNet level's activations and their gradients):
+        # refuse what cannot fit before any allocation
+        width0 = int(m.denoiser.unet.config.block_out_channels[0])
+        estimate = c.batch_size * (height * width * width0 * 4 * 16 * 2 + int(seconds * m.config.sample_rate) * 64)
+        limit = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        check_size(estimate, "data.seconds" if c.data.seconds is not None else "batch_size",
+                   f"a batch of {c.batch_size} clips of {seconds:g} s", limit=limit,
+                   hint="lower batch_size or data.seconds")
         self.mel_frames = height * getattr(m.codec, "downsample", 1)
         self.seconds = seconds
         from ..datasets.mel import MelFrontEnd
@@ -286,6 +384,9 @@ class Trainer:
                                      n_mels=m.config.n_mels)
         if m.synapse is not None and c.image_features == "inverted":
             grid = make_scheduler("ddim", **schedule)
+            if c.inversion_steps > grid.config.num_train_timesteps:
+                raise ValueError(f"inversion_steps: {c.inversion_steps} is more than the image model's "
+                                 f"{grid.config.num_train_timesteps} training timesteps")
             grid.set_timesteps(c.inversion_steps)
             self.inversion_grid = torch.tensor(sorted(int(t) for t in grid.timesteps), dtype=torch.long)
 
@@ -302,6 +403,10 @@ class Trainer:
             raise ValueError(f"data.manifest: no usable rows in {c.data.manifest!r}")
         self.rows = report.good
         self.skipped = report.bad
+        # which data this run trains on: recorded in each checkpoint, compared on resume
+        manifest = Path(c.data.manifest)
+        self.manifest_record = {"path": str(manifest.resolve()), "sha256": manifest_digest(manifest),
+                                "rows": len(self.rows)} if acc.is_main_process else None
         image_size = getattr(self.model.feature_source, "resolution", None) if needs_image else None
         self.dataset = TripletDataset(self.rows, sample_rate=self.model.config.sample_rate, seconds=self.seconds,
                                       image_size=image_size, random_crop=c.data.random_crop, seed=c.seed)
@@ -435,19 +540,34 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, max_steps: int | None = None, resume: bool | str | Path = False) -> TrainResult:
-        """Run until ``max_steps`` (default: the config's); ``resume``: True (the latest checkpoint) or a path."""
+        """Run until ``max_steps`` (default: the config's); ``resume``: True (the latest checkpoint) or a path.
+
+        A fresh run (no ``resume``) refuses an output folder that holds a previous run or files melfusion
+        did not write; the run folder is locked until this returns (see :mod:`melfusion.training.runfolder`).
+        """
         from tqdm.auto import tqdm
 
+        c = self.config
+        max_steps = c.max_steps if max_steps is None else positive_int(max_steps, "max_steps")
+        resume = _check_resume(resume)
+        self._on_main(self._relock)  # again, when an earlier train() released it
+        try:
+            if resume:
+                path = latest_checkpoint(self.checkpoint_dir) if resume is True else resume
+                if path is None:
+                    raise FileNotFoundError(f"resume: no checkpoint in {str(self.checkpoint_dir)!r}")
+                self.load_state(path)
+            elif self.step == 0 and not self._started:
+                self._on_main(lambda: check_fresh_run(self.output))
+            if max_steps < self.step:
+                raise ValueError(f"max_steps: {max_steps} is before step {self.step}, where this run already is")
+            self._started = True
+            return self._train(max_steps, resume, tqdm)
+        finally:
+            self._lock.release()
+
+    def _train(self, max_steps: int, resume: bool | Path, tqdm) -> TrainResult:
         c, acc = self.config, self.accelerator
-        max_steps = int(max_steps or c.max_steps)
-        if resume:
-            path = latest_checkpoint(self.checkpoint_dir) if resume is True else Path(resume)
-            if path is None:
-                raise FileNotFoundError(f"resume: no checkpoint in {str(self.checkpoint_dir)!r}")
-            self.load_state(path)
-        elif self.step == 0 and latest_checkpoint(self.checkpoint_dir) is not None:
-            raise FileExistsError(f"output: {str(self.output)!r} already holds checkpoints of a run; pass "
-                                  "--resume (resume=True) to continue it, or choose another output folder")
         log = TrainingLog(self.output, enabled=acc.is_main_process, tensorboard=c.tensorboard, plot=c.plot)
         log.truncate_after(self.step)
         if acc.is_main_process:
@@ -477,8 +597,8 @@ class Trainer:
         finally:
             bar.close()
             log.close()
-        model_path = self.save_model() if acc.is_main_process else None
-        acc.wait_for_everyone()
+        self._check_weights("model", self.step)
+        model_path = self._on_main(self.save_model)  # every process waits for it and stops if it fails
         return TrainResult(step=self.step, output=self.output, model_path=model_path, last_checkpoint=last_ckpt,
                            losses=losses)
 
@@ -507,11 +627,34 @@ class Trainer:
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:
             self.lr_scheduler.step()
+            # the same weights on every process, so every process stops at the same step
+            self._check_weights("training", self.step + 1, trained, last_checkpoint)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
             self.ema.update(trained, self.step)
         return mean_loss, grad_norm
+
+    def _check_weights(self, what: str, step: int, trained: dict[str, torch.Tensor] | None = None,
+                       last_checkpoint: Path | None = None) -> None:
+        """:class:`NonFiniteWeightsError` if a trained weight (or its average) holds NaN or infinities."""
+        trained = self._trained() if trained is None else trained
+        tensors = dict(trained)
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+        if not tensors:
+            return
+        flags = torch.stack([torch.isfinite(t.detach()).all() for t in tensors.values()])
+        if bool(flags.all()):
+            return
+        bad = [k for k, ok in zip(tensors, flags.tolist(), strict=True) if not ok]
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        last = last_checkpoint if last_checkpoint is not None else latest_checkpoint(self.checkpoint_dir)
+        where = f"; the last good checkpoint is {str(last)!r}" if last else ""
+        raise NonFiniteWeightsError(
+            f"{what}: the trained weights hold NaN or infinite values after step {step} ({shown}); nothing of "
+            f"them was saved{where}. Lower the learning rates (optim.*_lr), set optim.max_grad_norm, try "
+            "mixed_precision: bf16 instead of fp16, or check the data.")
 
     def _lrs(self) -> dict[str, float]:
         return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
@@ -542,54 +685,130 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "optimizer": opt_meta,
             "rows": len(self.rows),
+            "manifest": self.manifest_record,  # {"path", "sha256", "rows"} (None on other processes)
             "format": "melfusion-train-checkpoint",
             "version": 1,
         }
         return tensors, state
 
-    def save_state(self) -> Path | None:
-        """Write a checkpoint of this step (main process), keeping the last ``keep_last``."""
+    def save_state(self) -> Path:
+        """Write a checkpoint of this step (main process), keeping the last ``keep_last``.
+
+        Refused, on every process, when a tensor to save holds NaN or infinities
+        (:class:`NonFiniteWeightsError`): the last good checkpoint stays the latest.
+        """
         acc = self.accelerator
         acc.wait_for_everyone()
-        path = None
-        if acc.is_main_process:
-            tensors, state = self.state_tensors()
-            path = save_checkpoint(self.checkpoint_dir, self.step, tensors, state, keep_last=self.config.keep_last)
-        acc.wait_for_everyone()
-        return path or self.checkpoint_dir / f"step-{self.step:08d}"
+        tensors, state = self.state_tensors()
+        bad = [f"{stem}: {name}" for stem, sd in tensors.items() for name in non_finite_names(sd)]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            last = latest_checkpoint(self.checkpoint_dir)
+            raise NonFiniteWeightsError(
+                f"checkpoint: the state at step {self.step} holds NaN or infinite values ({shown}); not saved"
+                + (f"; the last good checkpoint is {str(last)!r}" if last else ""))
+
+        def save() -> Path:
+            return save_checkpoint(self.checkpoint_dir, self.step, tensors, state, keep_last=self.config.keep_last)
+
+        return self._on_main(save) or self.checkpoint_dir / f"step-{self.step:08d}"
 
     def load_state(self, path: str | Path) -> None:
+        """Continue from checkpoint folder ``path``; every problem is checked before anything changes.
+
+        A checkpoint of another run (mode, seed, batch) is a ``ValueError``; a corrupt or truncated one an
+        ``OSError`` naming its file. Another manifest, or a changed one, than the checkpoint was trained on
+        is a warning naming both (checkpoints written before the record existed load without it).
+        """
+        path = Path(path)
         tensors, state = load_checkpoint(path)
+        state_file = path / STATE_NAME
         if state.get("format") != "melfusion-train-checkpoint":
             raise OSError(f"resume: {str(path)!r} is not a melfusion training checkpoint")
+        lacking = [k for k in ("step", "lr_scheduler", "optimizer") if k not in state]
+        if lacking:
+            raise OSError(f"resume: {str(state_file)!r} lacks {', '.join(lacking)} (a corrupt checkpoint?)")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise OSError(f"resume: {str(state_file)!r} has step {step!r}, not an int >= 0 (a corrupt checkpoint?)")
+        named = CHECKPOINT_PATTERN.match(path.name)
+        if named and int(named.group(1)) != step:
+            raise OSError(f"resume: {str(state_file)!r} says step {step} in a folder named {path.name!r}")
+        if not isinstance(state["lr_scheduler"], dict) or not isinstance(state["optimizer"], dict):
+            raise OSError(f"resume: {str(state_file)!r} has a malformed lr_scheduler or optimizer entry")
         for key in ("mode", "seed", "batch_size", "gradient_accumulation_steps"):
             if state.get(key) != getattr(self.config, key):
                 raise ValueError(f"resume: the checkpoint was written with {key}={state.get(key)!r}, this run has "
                                  f"{getattr(self.config, key)!r}; resuming would not continue the same run")
-        if state.get("world_size") != self.accelerator.num_processes:
-            warnings.warn(f"resume: the checkpoint was written by {state.get('world_size')} processes, this run has "
-                          f"{self.accelerator.num_processes}: the data order will differ from an uninterrupted run",
-                          stacklevel=2)
         trained = self._trained()
-        saved = tensors.get("trainable", {})
+        if "trainable" not in tensors:
+            raise OSError(f"resume: {str(path)!r} has no trainable.safetensors (a corrupt checkpoint?)")
+        saved = tensors["trainable"]
         missing, unexpected = sorted(set(trained) - set(saved)), sorted(set(saved) - set(trained))
         if missing or unexpected:
-            raise ValueError(f"resume: checkpoint parameters do not match this model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
-        with torch.no_grad():
-            for k, p in trained.items():
-                p.copy_(saved[k].to(p.device, p.dtype))
-        optimizer_state_from_files(self.optimizer, tensors.get("optimizer", {}), state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            raise ValueError(f"resume: the parameters in {str(path)!r} do not match this model (missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]})")
+        shapes = [k for k, p in trained.items() if tuple(saved[k].shape) != tuple(p.shape)]
+        if shapes:
+            raise ValueError(f"resume: the parameters in {str(path)!r} have other shapes than this model's "
+                             f"({shapes[:5]})")
         if self.ema is not None:
             if "ema" not in tensors:
                 raise ValueError(f"resume: {str(path)!r} has no EMA weights but ema.enabled is true")
+            ema = tensors["ema"]
+            if set(ema) != set(trained) or any(tuple(ema[k].shape) != tuple(p.shape) for k, p in trained.items()):
+                raise ValueError(f"resume: the EMA weights in {str(path)!r} do not match this model's parameters")
+        if "optimizer" not in tensors:  # written even when empty
+            raise OSError(f"resume: {str(path)!r} has no optimizer.safetensors (a corrupt checkpoint?)")
+        if self.accelerator.is_main_process:
+            self._warn_if_other_data(state, path)
+        if state.get("world_size") != self.accelerator.num_processes:
+            warnings.warn(f"resume: the checkpoint was written by {state.get('world_size')} processes, this run has "
+                          f"{self.accelerator.num_processes}: the data order will differ from an uninterrupted run",
+                          stacklevel=3)
+        try:
+            optimizer_state_from_files(self.optimizer, tensors["optimizer"], state["optimizer"])
+        except ValueError as exc:
+            raise ValueError(f"resume: {str(path)!r}: {str(exc).removeprefix('resume: ')}") from None
+        try:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise OSError(f"resume: the learning-rate schedule in {str(state_file)!r} does not load ({exc})") from None
+        with torch.no_grad():
+            for k, p in trained.items():
+                p.copy_(saved[k].to(p.device, p.dtype))
+        if self.ema is not None:
             self.ema.shadow = {k: v.float().to(self.device) for k, v in tensors["ema"].items()}
-        self.step = int(state["step"])
+        self.step = step
+
+    def _warn_if_other_data(self, state: dict[str, Any], path: Path) -> None:
+        """Warn when the checkpoint was trained on another manifest, or on this one before it changed."""
+        saved, now = state.get("manifest"), self.manifest_record
+        if now is None:
+            return
+        if not isinstance(saved, dict):  # a checkpoint from before the record: compare the row count only
+            if isinstance(state.get("rows"), int) and state["rows"] != len(self.rows):
+                warnings.warn(f"resume: the checkpoint {str(path)!r} was trained on {state['rows']} rows, this run "
+                              f"has {len(self.rows)} in {now['path']!r}: it does not continue the same run",
+                              stacklevel=4)
+            return
+        if saved.get("path") != now["path"]:
+            warnings.warn(f"resume: the checkpoint {str(path)!r} was trained on the manifest {saved.get('path')!r} "
+                          f"(sha256 {str(saved.get('sha256'))[:12]}), this run reads {now['path']!r} (sha256 "
+                          f"{now['sha256'][:12]}): it does not continue the same run", stacklevel=4)
+        elif saved.get("sha256") != now["sha256"]:
+            warnings.warn(f"resume: the manifest {now['path']!r} changed since the checkpoint {str(path)!r} was "
+                          f"written (sha256 {str(saved.get('sha256'))[:12]} then, {now['sha256'][:12]} now; "
+                          f"{saved.get('rows')} rows then, {now['rows']} now): it does not continue the same run",
+                          stacklevel=4)
 
     def save_model(self, path: str | Path | None = None) -> Path:
-        """``save_pretrained`` of the trained model (the EMA weights when an average is kept)."""
-        path = Path(path or self.output / "model")
+        """``save_pretrained`` of the trained model (the EMA weights when an average is kept).
+
+        Refused (:class:`NonFiniteWeightsError`) when those weights hold NaN or infinities.
+        """
+        path = self.output / "model" if path is None else Path(path)
+        self._check_weights("model", self.step)
         if self.ema is None:
             return self.model.save_pretrained(path)
         with self.ema.swapped_into(self._trained()):
