@@ -49,9 +49,12 @@ def positive_int(value: Any, name: str, *, high: int | None = None) -> int:
 
 
 def check_finite_params(params: Any, name: str) -> None:
-    """Every float inside a (nested) dict or list of part parameters is finite."""
+    """Every float inside a (nested) dict or list (part parameters, a results record) is finite.
+
+    A :class:`NonFiniteError` names the first one by its path (``name.key[i]``).
+    """
     if isinstance(params, float) and not math.isfinite(params):
-        raise ValueError(f"{name}: expected a finite number, got {params!r}")
+        raise NonFiniteError(f"{name}: expected a finite number, got {params!r}")
     if isinstance(params, Mapping):
         for key, value in params.items():
             check_finite_params(value, f"{name}.{key}")

@@ -285,24 +285,35 @@ class MelFusionConfig(_Strict):
         return load_config_file(cls, path, name)
 
 
-def load_config_file(model: type[BaseModel], path: str | Path, name: str = "config") -> Any:
-    """``model`` validated from a YAML or JSON file; a ``ValueError`` naming ``name``, the file and the field."""
+def read_config_mapping(path: str | Path, name: str = "config", *, yaml_for_json: bool = False,
+                        empty_ok: bool = False) -> dict[str, Any]:
+    """The top-level mapping of a YAML (``.yaml``/``.yml``) or JSON config file, or one ``ValueError`` naming
+    ``name`` and the file (``FileNotFoundError`` when it is missing). ``yaml_for_json`` reads every suffix as
+    YAML (which reads JSON too); ``empty_ok`` takes an empty file as ``{}``."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name}: {str(path)!r} is a folder, not a config file")
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no such file {str(path)!r}")
+    as_yaml = yaml_for_json or path.suffix.lower() in (".yaml", ".yml")
     try:
         text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if as_yaml else json.loads(text)
     except UnicodeDecodeError:
         raise ValueError(f"{name}: {str(path)!r} is not UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        where = str(exc).replace("\n", " ")
-        raise ValueError(f"{name}: {str(path)!r} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({where})") from None
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as exc:
+        where = " ".join(str(exc).split())[:300]
+        raise ValueError(f"{name}: {str(path)!r} is not valid {'YAML' if as_yaml else 'JSON'} ({where})") from None
+    if data is None and empty_ok:
+        return {}
     if not isinstance(data, dict):
         raise ValueError(f"{name}: {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config_file(model: type[BaseModel], path: str | Path, name: str = "config") -> Any:
+    """``model`` validated from a YAML or JSON file; a ``ValueError`` naming ``name``, the file and the field."""
+    data = read_config_mapping(path, name)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import NonFiniteError
+from ..checks import NonFiniteError, check_finite_params
 from ..files import OutputExistsError, check_output, same_file, write_atomic
 from .audio import RESAMPLER, file_sha256, list_audio_files, load_audio, overlapping_files
 from .cache import EmbeddingCache, cache_key, default_cache_dir
@@ -94,14 +94,7 @@ def _finite(values: np.ndarray, what: str) -> np.ndarray:
 
 def _no_nan(value: Any, where: str = "result") -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite float inside a JSON-ready ``value``."""
-    if isinstance(value, float) and not np.isfinite(value):
-        raise NonFiniteError(f"{where}: {value} is not a finite number; nothing is reported")
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _no_nan(item, f"{where}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _no_nan(item, f"{where}[{i}]")
+    check_finite_params(value, where)
 
 
 def input_files(generated: str | os.PathLike, reference: str | os.PathLike | None,

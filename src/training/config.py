@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..config import MelFusionConfig, validation_message
+from ..config import MelFusionConfig, read_config_mapping, validation_message
 
 __all__ = ["TrainConfig", "DataConfig", "OptimConfig", "EMAConfig", "TRAIN_MODES"]
 
@@ -136,21 +136,7 @@ class TrainConfig(_Strict):
         naming the file and the field.
         """
         path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"config: {str(path)!r} is a folder, not a training config file")
-        if not path.is_file():
-            raise FileNotFoundError(f"config: no such file {str(path)!r}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML reads JSON too
-        except UnicodeDecodeError:
-            raise ValueError(f"config: {str(path)!r} is not UTF-8 text") from None
-        except yaml.YAMLError as exc:
-            where = " ".join(str(exc).split())
-            raise ValueError(f"config: {str(path)!r} is not valid YAML or JSON ({where})") from None
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ValueError(f"config: {str(path)!r} must hold a mapping at the top level, "
-                             f"not a {type(data).__name__}")
+        data = read_config_mapping(path, "config", yaml_for_json=True, empty_ok=True)
         try:
             return cls.from_dict(data, **overrides)
         except ValueError as exc:
