@@ -48,19 +48,30 @@ def positive_int(value: Any, name: str, *, high: int | None = None) -> int:
     return int(value)
 
 
-def check_finite_params(params: Any, name: str) -> None:
-    """Every float inside a (nested) dict or list (part parameters, a results record) is finite.
+def check_finite_params(params: Any, name: str, *, max_nodes: int = 100_000) -> None:
+    """Every number inside a (nested) dict or list (part parameters, a results record) is finite.
 
-    A :class:`NonFiniteError` names the first one by its path (``name.key[i]``).
+    Python floats, numpy and torch scalars and ``Decimal`` are checked; a :class:`NonFiniteError` names the
+    first bad one by its path (``name.key[i]``). A structure of more than ``max_nodes`` values (e.g. a YAML
+    alias bomb, whose shared nodes would be walked exponentially often) is refused instead of walked.
     """
-    if isinstance(params, float) and not math.isfinite(params):
-        raise NonFiniteError(f"{name}: expected a finite number, got {params!r}")
-    if isinstance(params, Mapping):
-        for key, value in params.items():
-            check_finite_params(value, f"{name}.{key}")
-    elif isinstance(params, (list, tuple)):
-        for i, value in enumerate(params):
-            check_finite_params(value, f"{name}[{i}]")
+    stack, seen = [(params, name)], 0
+    while stack:
+        value, where = stack.pop()
+        seen += 1
+        if seen > max_nodes:
+            raise ValueError(f"{name}: more than {max_nodes} nested values; refused as too large")
+        if isinstance(value, Mapping):
+            stack.extend((v, f"{where}.{k}") for k, v in reversed(list(value.items())))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(value))))
+        elif not isinstance(value, (bool, int, str, bytes)) and value is not None and hasattr(value, "__float__"):
+            try:
+                number = float(value)
+            except (TypeError, ValueError, OverflowError, RuntimeError):
+                continue
+            if not math.isfinite(number):
+                raise NonFiniteError(f"{where}: expected a finite number, got {value!r}")
 
 
 def non_finite_names(tensors: Mapping[str, Any]) -> list[str]:

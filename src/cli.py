@@ -65,21 +65,30 @@ def _generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.model or not (args.preset or args.config):
         # no model, preset or config: the shipped mini model (docs/mini.md)
-        model = MelFusion.from_pretrained(args.model or "mini", device=args.device, dtype=dtype)
+        try:
+            model = MelFusion.from_pretrained(args.model or "mini", device=args.device, dtype=dtype)
+        except ValueError as exc:
+            raise _as_flag(exc) from None
     else:
         cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
         print(f"note: --{'preset' if args.preset else 'config'} builds {cfg.name or 'the model'} with random or "
               "pretrained-hub weights, as its config says; leave it out to use the shipped trained model.",
               file=sys.stderr)
-        model = MelFusion.from_config(cfg, device=args.device, dtype=dtype)
+        try:
+            model = MelFusion.from_config(cfg, device=args.device, dtype=dtype)
+        except ValueError as exc:
+            raise _as_flag(exc) from None
     if args.num_samples is None and model.config.sampling.num_samples != 1:  # the config's count: check again
         for p in output_paths(args.out, model.config.sampling.num_samples):
             check_output(p, "--out", overwrite=args.overwrite, inputs=inputs, suffixes=AUDIO_SUFFIXES)
-    out = model.generate(
-        image=image, text=args.text, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
-        num_samples=args.num_samples, seed=args.seed, image_steps=args.image_steps,
-    )
+    try:
+        out = model.generate(
+            image=image, text=args.text, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
+            num_samples=args.num_samples, seed=args.seed, image_steps=args.image_steps,
+        )
+    except ValueError as exc:
+        raise _as_flag(exc) from None
     paths = out.save(args.out, overwrite=args.overwrite)
     out.save_spectrogram(spectrogram, overwrite=args.overwrite)
     took = time.perf_counter() - start
@@ -124,8 +133,29 @@ def _dtype(name: str | None):
     return None if name is None else getattr(torch, name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (``melfusion generate: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: generate's Python argument names -> its flags, so an error names what the user typed
+_FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "image_guidance_scale": "--image-guidance",
+          "seconds": "--seconds", "num_samples": "--num-samples", "seed": "--seed", "image_steps": "--image-steps",
+          "scheduler": "--scheduler", "device": "--device", "dtype": "--dtype", "text": "--text", "image": "--image"}
+
+
+def _as_flag(exc: ValueError) -> ValueError:
+    text = str(exc)
+    name, sep, rest = text.partition(":")
+    if sep and name in _FLAGS:
+        return ValueError(f"{_FLAGS[name]}:{rest}")
+    return exc
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="melfusion", description="Music from an image and a text prompt.")
+    parser = _Parser(prog="melfusion", description="Music from an image and a text prompt.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate music from an image and a text")
@@ -179,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. Exit status: 0 done, 1 a training stopped on a NaN loss or an internal error (a bug),
     2 bad input or an expected failure (one line on stderr naming the argument or file), 130 interrupted."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from os import PathLike
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -115,7 +116,6 @@ class PartConfig(_Strict):
     def _check_part(self) -> PartConfig:
         _ensure_builtin_parts()
         factory = registry(self.kind).get(self.name)  # raises with the known names
-        check_finite_params(self.params, "params")
         supplied = _SUPPLIED.get(self.kind, set())
         taken = sorted(set(self.params) & supplied)
         if taken:
@@ -126,6 +126,7 @@ class PartConfig(_Strict):
         if unknown:
             allowed = sorted(accepted - supplied)
             raise ValueError(f"params: {self.kind} {self.name!r} takes no {unknown}; it takes {allowed}")
+        check_finite_params(self.params, "params")
         return self
 
     def build(self, **supplied: Any) -> Any:
@@ -133,7 +134,14 @@ class PartConfig(_Strict):
         if missing:  # a config that leaves a part's required parameters out: named here, not a TypeError inside
             raise ValueError(f"{self.kind}.params: {self.kind} {self.name!r} needs {missing}; the config gives "
                              f"{sorted(self.params) or 'none'}")
-        return registry(self.kind).build(self.name, **self.params, **supplied)
+        try:
+            return registry(self.kind).build(self.name, **self.params, **supplied)
+        except (TypeError, RuntimeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as exc:
+            if "allocate" in str(exc) or "out of memory" in str(exc).lower():
+                raise MemoryError(f"{self.kind}: building {self.name!r} from its params: {exc}") from None
+            first = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ValueError(f"{self.kind}.params: {self.kind} {self.name!r} cannot be built from these params "
+                             f"({type(exc).__name__}: {first})") from None
 
 
 class FeatureSourceConfig(PartConfig):
@@ -209,8 +217,8 @@ class SamplingConfig(_Strict):
     """Defaults for ``MelFusion.generate``; each can be overridden per call."""
 
     num_inference_steps: PositiveInt = 200
-    guidance_scale: float = Field(7.0, ge=0.0)
-    image_guidance_scale: float | None = Field(None, ge=0.0)
+    guidance_scale: float = Field(7.0, ge=0.0, le=1000.0)
+    image_guidance_scale: float | None = Field(None, ge=0.0, le=1000.0)
     scheduler: str = "ddim"
     seconds: PositiveFloat = 10.24
     num_samples: PositiveInt = 1
@@ -237,9 +245,16 @@ class MelFusionConfig(_Strict):
     vocoder: VocoderConfig = Field(default_factory=VocoderConfig)
     synapse: SynapseConfig = Field(default_factory=SynapseConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    sample_rate: PositiveInt = 16_000
-    hop_length: PositiveInt = 160
-    n_mels: PositiveInt = 64
+    sample_rate: PositiveInt = Field(16_000, le=768_000)
+    hop_length: PositiveInt = Field(160, le=65_536)
+    n_mels: PositiveInt = Field(64, le=4096)
+
+    @model_validator(mode="after")
+    def _hop_within_a_second(self) -> MelFusionConfig:
+        if self.hop_length > self.sample_rate:
+            raise ValueError(f"hop_length: {self.hop_length} samples is longer than one second at "
+                             f"sample_rate {self.sample_rate}")
+        return self
 
     # -- presets ------------------------------------------------------------------
     @classmethod
@@ -290,15 +305,23 @@ def read_config_mapping(path: str | Path, name: str = "config", *, yaml_for_json
     """The top-level mapping of a YAML (``.yaml``/``.yml``) or JSON config file, or one ``ValueError`` naming
     ``name`` and the file (``FileNotFoundError`` when it is missing). ``yaml_for_json`` reads every suffix as
     YAML (which reads JSON too); ``empty_ok`` takes an empty file as ``{}``."""
+    if not isinstance(path, (str, PathLike)) or not str(path).strip():
+        raise ValueError(f"{name}: expected a config file path, got {path!r}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name}: {str(path)!r} is a folder, not a config file")
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{name}: {str(path)!r} is a broken or looping symbolic link")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{name}: {str(path)!r} is not a regular file (a device, a pipe or a socket)")
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no such file {str(path)!r}")
+    if path.stat().st_size > 16 * 2**20:
+        raise ValueError(f"{name}: {str(path)!r} is over 16 MiB; a config is a small text file")
     as_yaml = yaml_for_json or path.suffix.lower() in (".yaml", ".yml")
     try:
         text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text) if as_yaml else json.loads(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader) if as_yaml else json.loads(text, object_pairs_hook=_unique_pairs)
     except UnicodeDecodeError:
         raise ValueError(f"{name}: {str(path)!r} is not UTF-8 text") from None
     except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as exc:
@@ -309,6 +332,29 @@ def read_config_mapping(path: str | Path, name: str = "config", *, yaml_for_json
     if not isinstance(data, dict):
         raise ValueError(f"{name}: {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise json.JSONDecodeError(f"key {key!r} is given twice", "", 0)
+        out[key] = value
+    return out
 
 
 def load_config_file(model: type[BaseModel], path: str | Path, name: str = "config") -> Any:

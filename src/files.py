@@ -68,9 +68,13 @@ def check_output(path: str | os.PathLike, name: str, *, overwrite: bool = False,
     Refused: a folder; a suffix not in ``suffixes`` (lower case, with the dot); one of ``inputs`` (never,
     even with ``overwrite``); an existing file unless ``overwrite``; a parent that is a file.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError(f"{name}: expected a file path, got {path!r}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name}: {str(path)!r} is a folder; give a file path")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{name}: {str(path)!r} is not a regular file (a device, a pipe or a socket)")
     if suffixes is not None:
         allowed = sorted(suffixes)
         if path.suffix.lower() not in allowed:
@@ -84,7 +88,7 @@ def check_output(path: str | os.PathLike, name: str, *, overwrite: bool = False,
             if not parent.is_dir():
                 raise ValueError(f"{name}: {str(parent)!r} is a file, so {str(path)!r} cannot be written")
             break
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a dangling link exists too: it is the user's
         raise OutputExistsError(f"{name}: {str(path)!r} already exists; choose another path or allow "
                                 "overwriting (--overwrite, or overwrite=True)")
     return path
@@ -211,9 +215,21 @@ def replace_folder(target: str | os.PathLike, name: str, *,
     a file, or a folder holding anything else, is refused (``ValueError`` naming ``name`` and the entries)
     before anything is written. Leftovers of killed writes are removed first (:func:`clean_leftovers`).
     """
-    target = Path(target)
+    if not isinstance(target, (str, os.PathLike)) or not str(target).strip():
+        raise ValueError(f"{name}: expected a folder path, got {target!r}")
+    shown_as = str(target)
+    if Path(target).is_symlink():
+        if not Path(target).exists():
+            raise ValueError(f"{name}: {shown_as!r} is a broken symbolic link; give a folder path")
+        target = os.path.realpath(target)  # write through the link: the user's link stays as it is
+    target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
-        raise ValueError(f"{name}: {str(target)!r} is a file; give a folder path (it is never replaced)")
+        raise ValueError(f"{name}: {shown_as!r} is a file; give a folder path (it is never replaced)")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name}: {str(parent)!r} is a file, so {shown_as!r} cannot be a folder")
+            break
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target)
     if target.is_dir():

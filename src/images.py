@@ -23,6 +23,10 @@ def open_image(path: str | Path, name: str = "image") -> Image.Image:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name}: {str(path)!r} is a folder, not an image file")
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{name}: {str(path)!r} is a broken or looping symbolic link")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{name}: {str(path)!r} is not a regular file (a device, a pipe or a socket)")
     if not path.is_file():
         raise ValueError(f"{name}: no such file {str(path)!r}")
     if path.stat().st_size == 0:
@@ -38,7 +42,9 @@ def open_image(path: str | Path, name: str = "image") -> Image.Image:
                 im.load()
                 return to_rgb(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, EOFError,
-            struct.error, MemoryError) as exc:
+            struct.error, MemoryError, ValueError) as exc:
+        if str(exc).startswith(f"{name}: "):
+            raise
         raise ValueError(f"{name}: cannot read {str(path)!r} as an image ({exc})") from None
 
 
@@ -55,12 +61,16 @@ def _no_pil_limit():
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB from any PIL mode: alpha composited on white, 16-bit and float scaled, palettes expanded."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        # 16-bit modes are scaled by their depth (a dark 16-bit picture stays dark); a 32-bit "I" image has
+        # no depth of its own: 16-bit when its values need it, else 8-bit
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
     elif im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError("the picture holds NaN or infinite pixel values")
         span = arr.max() - arr.min()
         im = Image.fromarray((255 * (arr - arr.min()) / (span if span > 0 else 1)).astype(np.uint8))
     if im.mode == "P":
@@ -79,9 +89,14 @@ def _one(image: Any, name: str) -> torch.Tensor:
             raise ValueError(f"{name}: {image.width}x{image.height}, over the {MAX_PIXELS} pixel limit")
         if image.width == 0 or image.height == 0:
             raise ValueError(f"{name}: empty image ({image.width}x{image.height})")
-        arr = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
+        try:
+            arr = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
         return torch.from_numpy(arr).permute(2, 0, 1)
     if isinstance(image, torch.Tensor):
+        if image.is_complex():
+            raise ValueError(f"{name}: expected a real tensor in [0, 1], got {image.dtype}")
         x = image.detach().float()
         if x.ndim == 2:
             x = x[None]

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,18 +75,27 @@ class GenerationOutput:
         """
         import soundfile as sf
 
-        paths = output_paths(path, len(self.waveforms))
+        waves = np.asarray(self.waveforms)
+        if waves.ndim == 1:  # one clip given as a plain array
+            waves = waves[None]
+        if waves.ndim not in (2, 3) or 0 in waves.shape:
+            raise ValueError(f"waveforms: expected (num_samples, samples) or (num_samples, channels, samples), "
+                             f"got shape {waves.shape}")
+        sample_rate = self.sample_rate
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1:
+            raise ValueError(f"sample_rate: expected a positive int, got {sample_rate!r}")
+        paths = output_paths(path, len(waves))
         for p in paths:
             check_output(p, "path", overwrite=overwrite, suffixes=AUDIO_SUFFIXES)
-        if not np.isfinite(self.waveforms).all():
+        if not np.isfinite(waves).all():
             raise NonFiniteError("waveforms: NaN or infinite samples; nothing was written")
         fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
-        for p, wav in zip(paths, self.waveforms, strict=True):
+        for p, wav in zip(paths, waves, strict=True):
             data = wav.T if wav.ndim == 2 else wav  # (channels, samples) -> soundfile's (samples, channels)
             subtype = "VORBIS" if p.suffix.lower() == ".ogg" else "PCM_16"
             try:
                 with atomic_path(p) as tmp:
-                    sf.write(str(tmp), data, self.sample_rate, subtype=subtype, format=fmt[p.suffix.lower()])
+                    sf.write(str(tmp), data, int(sample_rate), subtype=subtype, format=fmt[p.suffix.lower()])
             except (RuntimeError, sf.LibsndfileError) as exc:  # named by the target, not the temporary file
                 raise OSError(f"path: cannot write {str(p)!r} ({' '.join(str(exc).split())[:200]})") from None
         return paths
@@ -94,9 +105,15 @@ class GenerationOutput:
         from .plots import spectrogram_png
 
         check_output(path, "path", overwrite=overwrite, suffixes=(".png",))
-        if not isinstance(index, (int, np.integer)) or not -len(self.mel) <= index < len(self.mel):
-            raise ValueError(f"index: expected a sample index below {len(self.mel)}, got {index!r}")
-        return spectrogram_png(self.mel[index], path)
+        mel = np.asarray(self.mel)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not -len(mel) <= index < len(mel):
+            raise ValueError(f"index: expected a sample index below {len(mel)}, got {index!r}")
+        one = mel[index]
+        if one.ndim != 2 or 0 in one.shape:
+            raise ValueError(f"mel: expected (frames, mels) per sample, got shape {one.shape}")
+        if not np.isfinite(one).all():
+            raise NonFiniteError("mel: NaN or infinite values; nothing was written")
+        return spectrogram_png(one, path)
 
 
 #: the audio formats GenerationOutput.save writes, by suffix
@@ -143,7 +160,11 @@ class MelFusion:
         """
         if isinstance(config, str):
             config = MelFusionConfig.preset(config)
-        device = check_device(device)
+        elif isinstance(config, dict):
+            config = MelFusionConfig.model_validate(config)
+        elif not isinstance(config, MelFusionConfig):
+            raise ValueError(f"config: expected a MelFusionConfig, a preset name or a dict, got {type(config).__name__}")
+        device, dtype = check_device(device), check_dtype(dtype)
         common = dict(weights=weights, device=device, dtype=dtype)
         feature_source = config.feature_source.build(**common)
         denoiser = config.denoiser.build(**common)
@@ -208,6 +229,8 @@ class MelFusion:
         from .checks import check_finite_tensors
         from .files import replace_folder
 
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise ValueError(f"path: expected a folder path, got {path!r}")
         path = Path(path)
         frozen = self._frozen_to_store()
         check_finite_tensors(self.denoiser.unet.state_dict(), "model: the music UNet")
@@ -248,20 +271,17 @@ class MelFusion:
         """Load a model written by :meth:`save_pretrained`: a local folder, the name of a model shipped in the
         package (``"mini"``, the embedded default; a local folder of that name wins), or a hub id when online."""
         import copy
-        import json
 
+        from .checks import check_finite_tensors
+
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise ValueError(f"path: expected a model folder or a shipped model name, got {path!r}")
+        device, dtype = check_device(device), check_dtype(dtype)
         folder = _resolve_model_folder(path, revision)
-        device = check_device(device)
-        index_path = folder / cls.INDEX_NAME
-        if not index_path.is_file():
+        index = read_index(folder)
+        if index is None:
             raise OSError(f"model: {str(folder)!r} has no {cls.INDEX_NAME}; was it written by save_pretrained?")
         config = MelFusionConfig.load(folder / cls.CONFIG_NAME, name="model config")
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise OSError(f"model: {str(index_path)!r} is not valid JSON ({exc})") from None
-        if not isinstance(index, dict):
-            raise OSError(f"model: {str(index_path)!r} is not a melfusion weights index")
         stored = index.get("stored_frozen_modules", {})
         common = dict(device=device, dtype=dtype)
         parts = {}
@@ -274,12 +294,17 @@ class MelFusion:
                 params["unet"] = spec
                 parts[part_name] = _loading(folder / index.get("unet", "unet"),
                                             part_cfg.model_copy(update={"params": params}), common)
+                check_finite_tensors(parts[part_name].unet.state_dict(),
+                                     f"model: {str(folder / index.get('unet', 'unet'))!r}")
                 continue
             saved = stored.get(part_name, [])
             part = part_cfg.build(weights=not saved, **common)
             for attr in saved:
-                module = _frozen_modules(part)[attr]
+                module = _frozen_modules(part).get(attr)
                 file = folder / f"{part_name}.{attr}.safetensors"
+                if module is None:
+                    raise OSError(f"model: {str(folder / cls.INDEX_NAME)!r} lists {part_name}.{attr}, which the "
+                                  f"config's {part_name} does not have")
                 if not file.is_file():
                     raise OSError(f"model: missing weights file {str(file)!r}")
                 _load_safetensors(module, file, device)
@@ -288,7 +313,10 @@ class MelFusion:
             parts[part_name] = part
         synapse = None
         if config.synapse.enabled:
-            synapse = cls.build_synapse(config, parts["feature_source"], parts["denoiser"], parts["codec"])
+            try:
+                synapse = cls.build_synapse(config, parts["feature_source"], parts["denoiser"], parts["codec"])
+            except ValueError as exc:
+                raise OSError(f"model: the parts saved in {str(folder)!r} do not fit together ({exc})") from None
             file = folder / (index.get("synapse") or "synapse.safetensors")
             if not file.is_file():
                 raise OSError(f"model: missing weights file {str(file)!r}")
@@ -433,21 +461,25 @@ class MelFusion:
         steps = _positive_int(num_inference_steps if num_inference_steps is not None else s.num_inference_steps,
                               "num_inference_steps")
         samples = _positive_int(num_samples if num_samples is not None else s.num_samples, "num_samples")
-        g_text = _non_negative(guidance_scale if guidance_scale is not None else s.guidance_scale, "guidance_scale")
+        g_text = _guidance(guidance_scale if guidance_scale is not None else s.guidance_scale, "guidance_scale")
         g_image = image_guidance_scale if image_guidance_scale is not None else s.image_guidance_scale
         if g_image is not None:
-            g_image = _non_negative(g_image, "image_guidance_scale")
-        seconds = finite_float(seconds if seconds is not None else s.seconds, "seconds", low=0, low_open=True)
+            g_image = _guidance(g_image, "image_guidance_scale")
+        seconds = finite_float(seconds if seconds is not None else s.seconds, "seconds", low=0, low_open=True,
+                               high=MAX_SECONDS)
         seed = check_seed(seed)
+        if image_steps is not None:
+            image_steps = _positive_int(image_steps, "image_steps")
         device = self.device
         use_image = image is not None and self.synapse is not None
         if image is not None and self.synapse is None:
             raise ValueError("image: this model has no synapse (config.synapse.enabled is false)")
 
         sched = make_scheduler(scheduler or s.scheduler, **noise_schedule(self.denoiser))
-        if steps > sched.config.num_train_timesteps:
-            raise ValueError(f"num_inference_steps: expected at most {sched.config.num_train_timesteps} (the "
-                             f"model's training timesteps), got {steps}")
+        most = sched.config.num_train_timesteps - int(sched.config.get("steps_offset", 0) or 0)
+        if steps > most:
+            raise ValueError(f"num_inference_steps: expected at most {most} for this scheduler and the model's "
+                             f"{sched.config.num_train_timesteps} training timesteps, got {steps}")
         batch = len(texts) * samples
         three = use_image and g_image is not None
         height, width = self.latent_hw(seconds, round_up=True)
@@ -579,6 +611,8 @@ def shipped_model_path(name: str = "mini") -> Path:
 
 def _resolve_model_folder(path: str | Path, revision: str | None) -> Path:
     folder = Path(path)
+    if folder.is_symlink() and not folder.exists():
+        raise OSError(f"model: {str(path)!r} is a broken or looping symbolic link")
     if not folder.exists():
         from .files import clean_leftovers
 
@@ -606,20 +640,67 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
 
 
-MODEL_FILES = {MelFusion.CONFIG_NAME, MelFusion.INDEX_NAME}
+def read_index(folder: Path) -> dict[str, Any] | None:
+    """The weights index of a folder written by save_pretrained, checked field by field; None if there is none.
+
+    An ``OSError`` naming the file when it is not one save_pretrained writes (wrong types, paths that leave
+    the folder).
+    """
+    import json
+
+    path = folder / MelFusion.INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise OSError(f"model: {str(path)!r} is not valid JSON ({exc})") from None
+    bad = f"model: {str(path)!r} is not a melfusion weights index"
+    if not isinstance(index, dict) or index.get("format", "melfusion") != "melfusion":
+        raise OSError(bad)
+    stored = index.get("stored_frozen_modules", {})
+    if not isinstance(stored, dict) or not all(
+            k in MelFusion.PARTS and isinstance(v, list) and all(_plain_name(a) for a in v) for k, v in stored.items()):
+        raise OSError(f"{bad} (stored_frozen_modules: expected part names mapped to lists of module names)")
+    for key in ("unet", "synapse"):
+        value = index.get(key, "unet" if key == "unet" else None)
+        if value is not None and not _plain_name(value):
+            raise OSError(f"{bad} ({key}: expected a file name inside the folder, got {value!r})")
+    return index
+
+
+def _plain_name(value: Any) -> bool:
+    """A file or folder name inside the model folder (no path separators, no ``..``)."""
+    return isinstance(value, str) and bool(value) and "/" not in value and "\\" not in value \
+        and value not in (".", "..")
 
 
 def is_model_entry(entry: Path) -> bool:
-    """Whether ``entry`` (a path inside a folder) is one save_pretrained writes, so a new save may replace it."""
-    if entry.name in MODEL_FILES and entry.is_file():
+    """Whether ``entry`` (a path inside a folder) was written by save_pretrained, so a new save may replace it.
+
+    Only a folder holding a valid weights index owns anything: its config and index, the UNet folder and
+    weight files the index names (a folder of diffusers' config and safetensors only), the synapse file.
+    A file of any other name, or any file in a folder without an index, is the user's.
+    """
+    try:
+        index = read_index(entry.parent)
+    except OSError:
+        return False
+    if index is None or entry.is_symlink():
+        return False
+    if entry.name in (MelFusion.CONFIG_NAME, MelFusion.INDEX_NAME):
+        return entry.is_file()
+    if entry.name == index.get("synapse") and entry.is_file():
         return True
-    if entry.name == "synapse.safetensors" and entry.is_file():
+    stored = index.get("stored_frozen_modules", {})
+    if entry.is_file() and any(entry.name == f"{part}.{attr}.safetensors"
+                               for part, attrs in stored.items() for attr in attrs):
         return True
-    if entry.is_file() and entry.suffix == ".safetensors" and entry.name.split(".", 1)[0] in MelFusion.PARTS:
-        return True
-    if entry.name == "unet" and entry.is_dir():  # diffusers' save_pretrained: its config and weights only
-        return all(f.is_file() and (f.name == "config.json" or f.name.startswith("diffusion_pytorch_model"))
-                   for f in entry.iterdir())
+    if entry.name == index.get("unet", "unet") and entry.is_dir():  # diffusers' save_pretrained, safetensors only
+        return all(f.is_file() and not f.is_symlink() and (
+            f.name == "config.json" or re.fullmatch(r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors"
+                                                     r"(\.index\.json)?", f.name) is not None)
+            for f in entry.iterdir())
     return False
 
 
@@ -636,6 +717,9 @@ def _load_safetensors(module: torch.nn.Module, file: Path, device: Any) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OSError(f"model: cannot load {str(file)!r}: it is corrupt or does not fit the model its config "
                       f"describes ({first[:200]})") from None
+    from .checks import check_finite_tensors
+
+    check_finite_tensors(module.state_dict(), f"model: {str(file)!r}")
 
 
 def _loading(where: Path, part_cfg: Any, common: dict[str, Any]) -> Any:
@@ -650,6 +734,17 @@ def _loading(where: Path, part_cfg: Any, common: dict[str, Any]) -> Any:
                       f"describes ({first[:200]})") from None
 
 
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` as a floating torch dtype (``torch.bfloat16`` or its name ``"bfloat16"``), or a ValueError."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating torch dtype (float32, float16, bfloat16), got {dtype!r}")
+    return dtype
+
+
 def check_device(device: Any) -> Any:
     """``device`` if torch can use it here; a ``ValueError`` naming ``device`` otherwise (e.g. cuda without CUDA)."""
     if device is None:
@@ -658,6 +753,8 @@ def check_device(device: Any) -> Any:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"device: {device!r}: there is one CPU device, 'cpu'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} was asked for, but torch sees no CUDA device on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -717,5 +814,11 @@ def check_seed(seed: Any, name: str = "seed") -> int | None:
     return int(seed)
 
 
-def _non_negative(value: Any, name: str) -> float:
-    return finite_float(value, name, low=0)
+#: the largest guidance scale generate takes: beyond it a float32 prediction is noise or overflows
+MAX_GUIDANCE = 1000.0
+#: the longest clip generate is asked for (a day); memory is checked separately, before anything is allocated
+MAX_SECONDS = 86_400.0
+
+
+def _guidance(value: Any, name: str) -> float:
+    return finite_float(value, name, low=0, high=MAX_GUIDANCE)

@@ -101,13 +101,14 @@ def test_several_samples_check_every_file(tmp_path, capsys, model_dir):
 
 # -- numbers -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag, value, needle", [
-    ("--seconds", "inf", "seconds"), ("--seconds", "nan", "seconds"), ("--seconds", "-1", "seconds"),
-    ("--seconds", "0", "seconds"), ("--seconds", "1e6", "GiB"), ("--num-samples", "100000", "num_samples"),
-    ("--num-samples", "0", "num_samples"), ("--guidance", "inf", "guidance_scale"),
-    ("--guidance", "nan", "guidance_scale"), ("--guidance", "-2", "guidance_scale"),
-    ("--image-guidance", "inf", "image_guidance_scale"), ("--seed", str(2**70), "seed"),
-    ("--steps", "0", "num_inference_steps"), ("--image-steps", "0", "image_steps"),
-    ("--guidance", "1e30", "NaN or infinite"),
+    ("--seconds", "inf", "--seconds"), ("--seconds", "nan", "--seconds"), ("--seconds", "-1", "--seconds"),
+    ("--seconds", "0", "--seconds"), ("--seconds", "5e4", "GiB"), ("--seconds", "1e6", "<= 86400"),
+    ("--seconds", "1e308", "<= 86400"), ("--num-samples", "100000", "--num-samples"),
+    ("--num-samples", "0", "--num-samples"), ("--guidance", "inf", "--guidance"),
+    ("--guidance", "nan", "--guidance"), ("--guidance", "-2", "--guidance"), ("--guidance", "1e30", "<= 1000"),
+    ("--image-guidance", "inf", "--image-guidance"), ("--seed", str(2**70), "--seed"),
+    ("--steps", "0", "--steps"), ("--steps", "1000", "at most 999"), ("--steps", "1.5", "--steps"),
+    ("--image-steps", "0", "--image-steps"), ("--guidance", "-inf", "--guidance"),
 ])
 def test_bad_numbers_exit_2_in_one_line_and_write_nothing(tmp_path, capsys, model_dir, flag, value, needle):
     start = time.perf_counter()
@@ -121,9 +122,11 @@ def test_device_without_cuda(tmp_path, capsys, model_dir):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     code, err = _run(capsys, *_gen(model_dir, tmp_path / "o.wav", "--device", "cuda"))
-    _one_line_exit_2(code, err, "device", "CUDA")
+    _one_line_exit_2(code, err, "--device", "CUDA")
     code, err = _run(capsys, *_gen(model_dir, tmp_path / "o.wav", "--device", "banana"))
-    _one_line_exit_2(code, err, "device", "banana")
+    _one_line_exit_2(code, err, "--device", "banana")
+    code, err = _run(capsys, *_gen(model_dir, tmp_path / "o.wav", "--device", "cpu:7"))
+    _one_line_exit_2(code, err, "--device", "cpu:7")
 
 
 # -- files -------------------------------------------------------------------------------------------------
@@ -154,11 +157,30 @@ def test_a_config_naming_another_mixer_is_one_line(tmp_path, capsys, model_dir):
     ("sampling: {guidance_scale: .inf}", "guidance_scale"), ("sampling: {seconds: .nan}", "seconds"),
     ("synapse: {mixer: {name: convex, params: {init: .inf}}}", "init"),
     ("feature_source: {name: stable_diffusion}", "feature_source"), ("", "mapping"),
+    ("sample_rate: 16000\nsample_rate: 8000", "given twice"),
+    ("vocoder: {name: griffin_lim, params: {n_iter: 4}, params: {n_iter: abc}}", "given twice"),
+    ("n_mels: 100000000", "n_mels"), ("hop_length: 1000000", "hop_length"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+     "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
+     "feature_source: {name: stable_diffusion, params: {bomb: [*e, *e, *e, *e, *e, *e, *e, *e, *e]}}", "bomb"),
 ])
 def test_bad_config_files(tmp_path, capsys, text, needle):
     config = tmp_path / "c.yaml"
     config.write_text(text)
     code, err = _run(capsys, "--config", str(config), "--image", str(PICTURE), "--text", "x",
+                     "--out", str(tmp_path / "o.wav"), "--steps", "1")
+    _one_line_exit_2(code, err, needle)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["denoiser"]["params"]["unet"]["config"].update(block_out_channels="abc"), "denoiser.params"),
+    (lambda c: c["vocoder"]["params"].update(n_iter=float("nan")), "n_iter"),
+])
+def test_a_config_whose_part_cannot_be_built_is_one_line(tmp_path, capsys, edit, needle):
+    cfg = mf.MelFusionConfig.preset("tiny").to_dict()
+    edit(cfg)
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    code, err = _run(capsys, "--config", str(tmp_path / "c.json"), "--image", str(PICTURE), "--text", "x",
                      "--out", str(tmp_path / "o.wav"), "--steps", "1")
     _one_line_exit_2(code, err, needle)
 
@@ -233,3 +255,93 @@ def test_configs_refuse_non_finite_fields(path, value):
 def test_generate_refuses_seeds_torch_cannot_take(tiny_model, seed):
     with pytest.raises(ValueError, match="^seed: "):
         tiny_model.generate(image=None, text="x", num_inference_steps=1, seed=seed, progress=False)
+
+
+# -- found by a red-team pass ------------------------------------------------------------------------------
+def test_a_dangling_link_as_out_is_the_users(tmp_path, capsys, model_dir):
+    link = tmp_path / "dl.wav"
+    link.symlink_to(tmp_path / "nowhere.wav")
+    code, err = _run(capsys, *_gen(model_dir, link))
+    _one_line_exit_2(code, err, "already exists")
+    assert link.is_symlink()
+
+
+def test_pictures_with_odd_pixels():
+    from melfusion.images import load_images
+
+    nan = Image.fromarray(np.full((8, 8), np.nan, np.float32), "F")
+    with pytest.raises(ValueError, match="^image: .*NaN"):
+        load_images(nan)
+    dark16 = Image.fromarray(np.full((8, 8), 200, np.uint16))
+    assert dark16.mode.startswith("I;16")
+    assert float(load_images(dark16).max()) < 0.01  # 200 of 65535 is dark, not 200 of 255
+    with pytest.raises(ValueError, match="^image: .*real"):
+        load_images(torch.zeros(3, 4, 4, dtype=torch.complex64))
+
+
+def test_non_regular_files_as_inputs(tmp_path, capsys, model_dir):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    code, err = _run(capsys, *_gen(model_dir, tmp_path / "o.wav", image=fifo))
+    _one_line_exit_2(code, err, "--image", "not a regular file")
+    code, err = _run(capsys, "--config", str(fifo), "--image", str(PICTURE), "--text", "x",
+                     "--out", str(tmp_path / "o.wav"))
+    _one_line_exit_2(code, err, "config", "not a regular file")
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    code, err = _run(capsys, *_gen(model_dir, tmp_path / "o.wav", image=loop))
+    _one_line_exit_2(code, err, "--image", "symbolic link")
+
+
+def test_config_params_of_any_number_type_must_be_finite():
+    from decimal import Decimal
+
+    for value in (np.float32("nan"), torch.tensor(float("inf")), Decimal("NaN"), np.float64("-inf")):
+        data = mf.MelFusionConfig.preset("tiny").to_dict()
+        data["vocoder"]["params"]["momentum"] = value
+        with pytest.raises(ValueError, match="momentum"):
+            mf.MelFusionConfig.model_validate(data)
+
+
+def test_non_finite_outputs_are_never_written(tmp_path, tiny_model):
+    out = mf.GenerationOutput(np.zeros((1, 100), np.float32), 16_000, np.full((1, 5, 4), np.nan))
+    with pytest.raises(ValueError, match="^mel: .*NaN"):
+        out.save_spectrogram(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="^index: "):
+        out.save_spectrogram(tmp_path / "x.png", index=True)
+    with pytest.raises(ValueError, match="^sample_rate: "):
+        mf.GenerationOutput(np.zeros((1, 100), np.float32), float("nan"), out.mel).save(tmp_path / "x.wav")
+    assert mf.GenerationOutput(np.zeros(100, np.float32), 16_000, out.mel).save(tmp_path / "one.wav") == [
+        tmp_path / "one.wav"]  # a 1-D array is one clip, not 100 files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.wav"]
+    # a denoiser that returns infinities stops the loop instead of writing noise
+    bias = tiny_model.denoiser.unet.conv_out.bias
+    keep = bias.detach().clone()
+    with torch.no_grad():
+        bias.fill_(float("inf"))
+    try:
+        with pytest.raises(ValueError, match="NaN or infinite at timestep"):
+            tiny_model.generate(image=None, text="x", num_inference_steps=2, progress=False)
+    finally:
+        with torch.no_grad():
+            bias.copy_(keep)
+
+
+def test_generate_checks_image_steps_and_negative_text_types(tiny_model):
+    for kw, name in ((dict(image_steps="3"), "image_steps"), (dict(image_steps=1e9), "image_steps"),
+                     (dict(negative_text=None), "negative_text"), (dict(text=None), "text"),
+                     (dict(text=[]), "text"), (dict(text=["a", 5]), r"text\[1\]")):
+        with pytest.raises(ValueError, match=f"^{name}"):
+            tiny_model.generate(image=PICTURE, num_inference_steps=1, progress=False, **{"text": "x", **kw})
+
+
+def test_argparse_errors_are_one_line(capsys):
+    for argv, needle in ((["generate", "--image", "a.png", "--text", "x", "--out", "o.wav", "--steps", "1.5"],
+                          "argument --steps: invalid int value: '1.5'"),
+                         (["generate", "--text", "x"], "the following arguments are required: --image"),
+                         (["nonsense"], "invalid choice")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err

@@ -353,3 +353,109 @@ def test_replace_folder_refuses_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"out: .* \(keep\)"), replace_folder(tmp_path / "t", "out") as tmp:
         (tmp / "never").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+# -- found by a red-team pass ------------------------------------------------------------------------------
+@pytest.mark.parametrize("plant", [
+    lambda d: (d / "text_encoder.my_notes.safetensors").write_bytes(b"user weights"),
+    lambda d: ((d / "unet").mkdir(), (d / "unet" / "config.json").write_text("{}"),
+               (d / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"user")),
+    lambda d: (d / "synapse.safetensors").write_bytes(b"user file of our name"),
+    lambda d: (d / "melfusion_config.json").write_text("{}"),
+])
+def test_files_that_merely_look_like_ours_are_refused(tmp_path, tiny_model, plant):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    plant(folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="holds files melfusion did not write"):
+        tiny_model.save_pretrained(folder)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_a_file_the_index_does_not_list_is_the_users(tmp_path, tiny_model, saved):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(saved, folder)
+    (folder / "codec.extra.safetensors").write_bytes(b"mine")  # a part name, but not in the index
+    with pytest.raises(ValueError, match="codec.extra.safetensors"):
+        tiny_model.save_pretrained(folder)
+
+
+def test_save_through_a_symlink_keeps_the_link(tmp_path, tiny_model):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "lnk"
+    link.symlink_to(real)
+    tiny_model.save_pretrained(link)
+    assert link.is_symlink() and (real / "melfusion_weights.json").is_file()
+    tiny_model.save_pretrained(link)  # and again, over the earlier save
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["lnk", "real"]
+    _loads(link)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="broken symbolic link"):
+        tiny_model.save_pretrained(dangling)
+
+
+def test_odd_save_targets(tmp_path, tiny_model, monkeypatch):
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    tiny_model.save_pretrained(".")  # the current folder, empty: allowed, as any empty folder
+    assert (empty / "melfusion_weights.json").is_file()
+    (tmp_path / "pf").write_text("a file")
+    with pytest.raises(ValueError, match="pf.* is a file"):
+        tiny_model.save_pretrained(tmp_path / "pf" / "model")
+    for bad in ("", None, 123):
+        with pytest.raises(ValueError, match="^path: "):
+            tiny_model.save_pretrained(bad)
+
+
+def test_a_malformed_index_or_weights_is_one_error_naming_it(tmp_path, saved):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for index in (["unet"], {"stored_frozen_modules": ["unet"]}, {"stored_frozen_modules": {"feature_source": "unet"}},
+                  {"unet": 5}, {"unet": "../../etc"}, {"synapse": "/etc/passwd"}):
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(saved, folder)
+        (folder / "melfusion_weights.json").write_text(json.dumps(index))
+        with pytest.raises(OSError, match="melfusion_weights.json"):
+            mf.MelFusion.from_pretrained(folder)
+    folder = tmp_path / "nan"
+    shutil.copytree(saved, folder)
+    tensors = load_file(folder / "synapse.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, folder / "synapse.safetensors")
+    with pytest.raises(ValueError, match=r"synapse.safetensors.*NaN"):
+        mf.MelFusion.from_pretrained(folder)
+
+
+def test_a_unet_of_another_model_is_named(tmp_path, saved):
+    import shutil
+
+    other = mf.MelFusion.from_config(mf.MelFusionConfig.preset("mini"), weights=False)
+    folder = tmp_path / "m"
+    shutil.copytree(saved, folder)
+    shutil.rmtree(folder / "unet")
+    other.denoiser.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    with pytest.raises(OSError, match=r"model: the parts saved in .* do not fit together"):
+        mf.MelFusion.from_pretrained(folder)
+
+
+def test_wrong_types_at_the_loading_api(saved):
+    for bad in (None, 123, ""):
+        with pytest.raises(ValueError, match="^path: "):
+            mf.MelFusion.from_pretrained(bad)
+    for dtype in (torch.int8, "int8", "banana"):
+        with pytest.raises(ValueError, match="^dtype: "):
+            mf.MelFusion.from_pretrained(saved, dtype=dtype)
+    assert mf.MelFusion.from_pretrained(saved, dtype="float32").device.type == "cpu"
+    for config in (None, 5):
+        with pytest.raises(ValueError, match="^config: "):
+            mf.MelFusion.from_config(config)
+    with pytest.raises(ValueError, match="^config: "):
+        mf.MelFusionConfig.load(None)
