@@ -95,11 +95,13 @@ def check_output(path: str | os.PathLike, name: str, *, overwrite: bool = False,
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """A temporary path in ``path``'s folder; moved onto ``path`` when the block ends, removed if it fails.
 
     ``os.replace`` is atomic on one filesystem: readers see the old file or the new one, and an interrupted
-    write leaves the old file in place. The new file gets the user's umask, not ``mkstemp``'s 0600.
+    write leaves the old file in place. The new file gets the user's umask, not ``mkstemp``'s 0600. With
+    ``overwrite=False`` the file is linked into place only if ``path`` still does not exist (so a file that
+    appeared while this one was written, e.g. by another process, is kept: ``OutputExistsError``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,15 +110,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         apply_umask(tmp, folder=False)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_no_clobber(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes, *, fsync: bool = False) -> Path:
+def _link_no_clobber(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # atomic, and fails if path exists
+    except FileExistsError:
+        raise OutputExistsError(f"path: {str(path)!r} appeared while it was being written; it was kept") from None
+    except OSError:  # a filesystem without hard links: check, then rename (a small window remains)
+        if os.path.lexists(path):
+            raise OutputExistsError(f"path: {str(path)!r} appeared while it was being written; it was kept") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes, *, fsync: bool = False, overwrite: bool = True) -> Path:
     """Write text or bytes to ``path`` atomically (see :func:`atomic_path`); ``fsync`` flushes to disk first."""
-    with atomic_path(path) as tmp, open(tmp, "w" if isinstance(data, str) else "wb",
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "w" if isinstance(data, str) else "wb",
                                         **({"encoding": "utf-8"} if isinstance(data, str) else {})) as f:
         f.write(data)
         if fsync:

@@ -94,7 +94,7 @@ class GenerationOutput:
             data = wav.T if wav.ndim == 2 else wav  # (channels, samples) -> soundfile's (samples, channels)
             subtype = "VORBIS" if p.suffix.lower() == ".ogg" else "PCM_16"
             try:
-                with atomic_path(p) as tmp:
+                with atomic_path(p, overwrite=overwrite) as tmp:
                     sf.write(str(tmp), data, int(sample_rate), subtype=subtype, format=fmt[p.suffix.lower()])
             except (RuntimeError, sf.LibsndfileError) as exc:  # named by the target, not the temporary file
                 raise OSError(f"path: cannot write {str(p)!r} ({' '.join(str(exc).split())[:200]})") from None
@@ -113,7 +113,7 @@ class GenerationOutput:
             raise ValueError(f"mel: expected (frames, mels) per sample, got shape {one.shape}")
         if not np.isfinite(one).all():
             raise NonFiniteError("mel: NaN or infinite values; nothing was written")
-        return spectrogram_png(one, path)
+        return spectrogram_png(one, path, overwrite=overwrite)
 
 
 #: the audio formats GenerationOutput.save writes, by suffix

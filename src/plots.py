@@ -20,7 +20,7 @@ def _colour(values: np.ndarray) -> np.ndarray:
     return ((1 - frac) * _ANCHORS[lo] + frac * _ANCHORS[lo + 1]).astype(np.uint8)
 
 
-def spectrogram_png(mel: np.ndarray, path: str | Path, scale: int = 4) -> Path:
+def spectrogram_png(mel: np.ndarray, path: str | Path, scale: int = 4, *, overwrite: bool = True) -> Path:
     """``(frames, mels)`` log-mel -> PNG, time on x, low mel bins at the bottom."""
     mel = np.asarray(mel, dtype=np.float64)
     if mel.ndim != 2:
@@ -35,4 +35,4 @@ def spectrogram_png(mel: np.ndarray, path: str | Path, scale: int = 4) -> Path:
 
     buffer = io.BytesIO()
     im.save(buffer, format="PNG")
-    return write_atomic(path, buffer.getvalue())
+    return write_atomic(path, buffer.getvalue(), overwrite=overwrite)

@@ -175,6 +175,7 @@ def test_bad_config_files(tmp_path, capsys, text, needle):
 @pytest.mark.parametrize("edit, needle", [
     (lambda c: c["denoiser"]["params"]["unet"]["config"].update(block_out_channels="abc"), "denoiser.params"),
     (lambda c: c["vocoder"]["params"].update(n_iter=float("nan")), "n_iter"),
+    (lambda c: c["denoiser"]["params"]["unet"]["config"].update(bogus=1), "['bogus'] are not parameters"),
 ])
 def test_a_config_whose_part_cannot_be_built_is_one_line(tmp_path, capsys, edit, needle):
     cfg = mf.MelFusionConfig.preset("tiny").to_dict()

@@ -459,3 +459,15 @@ def test_wrong_types_at_the_loading_api(saved):
             mf.MelFusion.from_config(config)
     with pytest.raises(ValueError, match="^config: "):
         mf.MelFusionConfig.load(None)
+
+
+def test_a_file_that_appears_during_the_write_is_kept(tmp_path):
+    """The existence check and the write are one step: a file made by someone else meanwhile is not replaced."""
+    target = tmp_path / "song.png"
+    with pytest.raises(OutputExistsError, match="appeared"), atomic_path(target, overwrite=False) as tmp:
+        tmp.write_bytes(b"ours")
+        target.write_bytes(b"theirs, written meanwhile")
+    assert target.read_bytes() == b"theirs, written meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song.png"]
+    write_atomic(tmp_path / "new.txt", "x", overwrite=False)
+    assert (tmp_path / "new.txt").read_text() == "x" and len(list(tmp_path.iterdir())) == 2

@@ -86,6 +86,8 @@ def build_model(
     else:
         if spec.get("config"):
             config = resolve_config(spec["config"], tiny)
+            if isinstance(spec["config"], Mapping):
+                _check_inline_keys(cls, config, what)
         elif spec.get("pretrained") and _is_local(spec["pretrained"]):
             config = _stored_config(cls, spec, what)  # a local folder's own config.json: no download
         else:
@@ -102,6 +104,24 @@ def build_model(
         # nn.Module.to: diffusers' override warns about float32 modules even when no dtype is given
         model = torch.nn.Module.to(model, device=device if not meta else None, dtype=dtype)
     return model.eval()
+
+
+def _check_inline_keys(cls: Any, config: Mapping[str, Any], what: str) -> None:
+    """A config written inline in a melfusion config names only parameters of the diffusers class it builds
+    (diffusers would drop an unknown key with a warning, so a typo would silently build another model)."""
+    import inspect
+
+    if getattr(cls, "config_class", None) is not None:  # transformers configs take extra attributes by design
+        return
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(config) - set(params) - {"self"})
+    if unknown:
+        raise ValueError(f"{what}.config: {unknown} are not parameters of {cls.__name__}")
 
 
 def _from_config(cls: Any, config: dict[str, Any]) -> Any:
