@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import SCHEDULERS
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 2
+    old_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # a warning is one line too, not the source line it came from
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -225,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         if code == 1 and os.environ.get("MELFUSION_TRACEBACK"):
             raise
         return code
+    finally:
+        warnings.formatwarning = old_format
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def describe_error(exc: BaseException) -> tuple[int, str]:

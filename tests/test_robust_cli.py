@@ -346,3 +346,29 @@ def test_argparse_errors_are_one_line(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_warnings_on_the_command_line_are_one_line(monkeypatch, capsys):
+    import warnings
+
+    import melfusion.cli as cli
+
+    shown = []
+
+    def noisy(args):  # what stderr gets for a warning while a command runs (pytest captures the real ones)
+        shown.append(warnings.formatwarning("data: 3 rows\nwere odd", UserWarning, __file__, 1))
+        raise ValueError("data.manifest: no usable rows")
+
+    monkeypatch.setattr(cli, "_inspect", noisy)
+    before = warnings.formatwarning
+    assert cli.main(["inspect", "--preset", "tiny"]) == 2
+    assert shown == ["warning: data: 3 rows were odd\n"]
+    assert warnings.formatwarning is before  # put back when the command ends
+    assert capsys.readouterr().err.strip() == "melfusion inspect: error: data.manifest: no usable rows"
+
+
+def test_gradient_accumulation_is_bounded(tmp_path):
+    from melfusion.training import TrainConfig
+
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        TrainConfig.model_validate({"gradient_accumulation_steps": 10**9})

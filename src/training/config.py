@@ -91,7 +91,8 @@ class TrainConfig(_Strict):
     image_features: Literal["noised", "inverted"] = "noised"
     inversion_steps: PositiveInt = 50  # the DDIM-inversion grid for image_features="inverted"
     batch_size: PositiveInt = 4  # per process
-    gradient_accumulation_steps: PositiveInt = 1
+    # micro-batches per optimizer step; past a few thousand a step never ends on any machine (bounded to say so)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     max_steps: PositiveInt = 1000  # optimizer steps
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = Field(0, ge=0, lt=2**63)  # numpy's generators take no negative seeds
