@@ -86,12 +86,13 @@ def non_finite_names(tensors: Mapping[str, Any]) -> list[str]:
     return bad
 
 
-def check_finite_tensors(tensors: Mapping[str, Any], what: str) -> None:
-    """Raise :class:`NonFiniteError` naming the non-finite tensors of ``what`` (e.g. weights before a save)."""
+def check_finite_tensors(tensors: Mapping[str, Any], what: str, then: str = "not saved") -> None:
+    """Raise :class:`NonFiniteError` naming the non-finite tensors of ``what`` (e.g. weights before a save);
+    ``then`` says what was not done (``"not saved"``, ``"refused to load"``)."""
     bad = non_finite_names(tensors)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise NonFiniteError(f"{what}: {len(bad)} tensor(s) hold NaN or infinite values ({shown}); not saved")
+        raise NonFiniteError(f"{what}: {len(bad)} tensor(s) hold NaN or infinite values ({shown}); {then}")
 
 
 def memory_bytes() -> int | None:

@@ -295,7 +295,7 @@ class MelFusion:
                 parts[part_name] = _loading(folder / index.get("unet", "unet"),
                                             part_cfg.model_copy(update={"params": params}), common)
                 check_finite_tensors(parts[part_name].unet.state_dict(),
-                                     f"model: {str(folder / index.get('unet', 'unet'))!r}")
+                                     f"model: {str(folder / index.get('unet', 'unet'))!r}", "refused to load")
                 continue
             saved = stored.get(part_name, [])
             part = part_cfg.build(weights=not saved, **common)
@@ -719,7 +719,7 @@ def _load_safetensors(module: torch.nn.Module, file: Path, device: Any) -> None:
                       f"describes ({first[:200]})") from None
     from .checks import check_finite_tensors
 
-    check_finite_tensors(module.state_dict(), f"model: {str(file)!r}")
+    check_finite_tensors(module.state_dict(), f"model: {str(file)!r}", "refused to load")
 
 
 def _loading(where: Path, part_cfg: Any, common: dict[str, Any]) -> Any:

@@ -564,3 +564,14 @@ def test_nan_weights_and_nan_waveforms_stop_at_the_door(tmp_path):
         VGGishEmbedder.from_pretrained(tmp_path / "nan.safetensors")
     with pytest.raises(ValueError, match="waveform: holds NaN"):
         MelFrontEnd()(np.array([0.0, np.nan] * 800, dtype=np.float32))
+
+
+def test_a_manifest_that_is_a_pipe_is_refused_not_read(tmp_path):
+    import os
+
+    from melfusion.datasets import read_manifest
+
+    fifo = tmp_path / "m.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_manifest(fifo)

@@ -600,3 +600,16 @@ def test_two_processes_stop_together_on_a_locked_folder(toy, tmp_path):
     assert errors and all("is in use by another training" in line and str(out) in line for line in errors), \
         proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+def test_a_lock_file_that_is_a_link_is_never_written_through(tmp_path):
+    from melfusion.training.runfolder import LOCK_NAME, RunLock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(ValueError, match="never writes through it"):
+        RunLock(run).acquire()
+    assert victim.read_text() == "precious"

@@ -100,6 +100,8 @@ def read_manifest(path: str | Path, *, format: str | None = None,
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"manifest: no such file or folder {str(path)!r}")
+    if not path.is_dir() and not path.is_file():  # a pipe would block the read forever
+        raise ManifestError(f"manifest: {str(path)!r} is not a regular file or a folder")
     fmt = _infer_format(path) if format is None else format
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)} or None, got {format!r}")

@@ -142,7 +142,12 @@ class RunLock:
         if not self.folder.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
             self._created_folder = True
-        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open while the run trains)
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise ValueError(f"output: the lock {str(self.path)!r} is a link or not a regular file; melfusion "
+                             "never writes through it (remove it if it is not yours)")
+        # O_NOFOLLOW: a link planted between the check and the open is refused too, never written through
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        f = os.fdopen(fd, "a+", encoding="utf-8")  # noqa: SIM115 (held open while the run trains)
         if fcntl is not None:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
