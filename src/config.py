@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from os import PathLike
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -305,17 +304,9 @@ def read_config_mapping(path: str | Path, name: str = "config", *, yaml_for_json
     """The top-level mapping of a YAML (``.yaml``/``.yml``) or JSON config file, or one ``ValueError`` naming
     ``name`` and the file (``FileNotFoundError`` when it is missing). ``yaml_for_json`` reads every suffix as
     YAML (which reads JSON too); ``empty_ok`` takes an empty file as ``{}``."""
-    if not isinstance(path, (str, PathLike)) or not str(path).strip():
-        raise ValueError(f"{name}: expected a config file path, got {path!r}")
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{name}: {str(path)!r} is a folder, not a config file")
-    if path.is_symlink() and not path.exists():
-        raise ValueError(f"{name}: {str(path)!r} is a broken or looping symbolic link")
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{name}: {str(path)!r} is not a regular file (a device, a pipe or a socket)")
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: no such file {str(path)!r}")
+    from .files import check_input_file
+
+    path = check_input_file(path, name, "config file", missing=FileNotFoundError)
     if path.stat().st_size > 16 * 2**20:
         raise ValueError(f"{name}: {str(path)!r} is over 16 MiB; a config is a small text file")
     as_yaml = yaml_for_json or path.suffix.lower() in (".yaml", ".yml")

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_atomic", "check_output", "replace_folder", "clean_leftovers", "same_file",
+__all__ = ["check_input_file", "atomic_path", "write_atomic", "check_output", "replace_folder", "clean_leftovers", "same_file",
            "apply_umask", "pid_alive", "OutputExistsError"]
 
 
@@ -59,6 +59,24 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return a.resolve() == b.resolve()
+
+
+def check_input_file(path: str | os.PathLike, name: str, what: str = "file",
+                     missing: type[Exception] = ValueError) -> Path:
+    """``path`` as a readable regular file for argument ``name``, or one error naming it: a folder, a broken
+    or looping link, a device or pipe (which would block a read) or a missing file (``missing`` is raised)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError(f"{name}: expected a {what} path, got {path!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder, not a {what}")
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{name}: {str(path)!r} is a broken or looping symbolic link")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{name}: {str(path)!r} is not a regular file (a device, a pipe or a socket)")
+    if not path.is_file():
+        raise missing(f"{name}: no such file {str(path)!r}")
+    return path
 
 
 def check_output(path: str | os.PathLike, name: str, *, overwrite: bool = False,

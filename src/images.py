@@ -20,15 +20,9 @@ MAX_PIXELS = 8192 * 8192
 
 def open_image(path: str | Path, name: str = "image") -> Image.Image:
     """An RGB PIL image from a file of any mode (EXIF rotation applied), or a clear ValueError."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{name}: {str(path)!r} is a folder, not an image file")
-    if path.is_symlink() and not path.exists():
-        raise ValueError(f"{name}: {str(path)!r} is a broken or looping symbolic link")
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{name}: {str(path)!r} is not a regular file (a device, a pipe or a socket)")
-    if not path.is_file():
-        raise ValueError(f"{name}: no such file {str(path)!r}")
+    from .files import check_input_file
+
+    path = check_input_file(path, name, "image file")
     if path.stat().st_size == 0:
         raise ValueError(f"{name}: file {str(path)!r} is empty")
     try:
