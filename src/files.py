@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import secrets
 import shutil
@@ -173,11 +174,7 @@ def _tmp_name(target: Path) -> Path:
 def _leftovers(target: Path) -> list[Path]:
     if not target.parent.is_dir():
         return []
-    return sorted(target.parent.glob(f".{glob_escape(target.name)}.{_TMP_TAG}-*"))
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}.{_TMP_TAG}-*"))
 
 
 def pid_alive(pid: int) -> bool:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .backbones.loading import _is_hub_id
 from .backbones.text import check_texts
-from .checks import NonFiniteError, check_size, finite_float
+from .checks import NonFiniteError, check_size, finite_float, positive_int
 from .config import SCHEDULERS, MelFusionConfig
 from .files import atomic_path, check_output
 from .images import load_images
@@ -797,10 +797,7 @@ def noise_schedule(denoiser: Any) -> dict[str, Any]:
     return schedule
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
+_positive_int = positive_int  # the shared check (melfusion.checks), under the name this module's callers use
 
 
 def check_seed(seed: Any, name: str = "seed") -> int | None:
