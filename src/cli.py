@@ -21,19 +21,23 @@ def _inspect(args: argparse.Namespace) -> int:
     cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
     fs = cfg.feature_source.build(weights=False, device="meta")
     den = cfg.denoiser.build(weights=False, device="meta")
-    codec_down = 4 if cfg.codec.name == "audioldm_vae" else 1
-
-    class _Codec:
-        downsample = codec_down
-
-    synapse = MelFusion.build_synapse(cfg, fs, den, _Codec())
+    codec = cfg.codec.build(weights=False, device="meta")
+    synapse = MelFusion.build_synapse(cfg, fs, den, codec)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+
+    def modules(part) -> str:
+        return ", ".join(f"{name} {count(m):,}" for name, m in part.stored_modules().items())
+
+    shape = MelFusion.probe_shape_of(cfg, codec, den)
     print(f"preset: {cfg.name or args.config}   (built on the meta device: no weights, no memory)")
-    print(f"image UNet ({cfg.feature_source.name}): {count(fs.unet):,} parameters, "
-          f"{fs.resolution}px -> {fs.latent_size}x{fs.latent_size} latent, taps {cfg.synapse.image_attention}")
-    print(f"music UNet ({cfg.denoiser.name}): {count(den.unet):,} parameters, "
-          f"{cfg.sampling.seconds} s, taps {cfg.synapse.music_attention}")
-    print(f"mixer: {cfg.synapse.mixer.name} {cfg.synapse.mixer.params or ''}  aligner: {cfg.synapse.aligner.name}")
+    print(f"image model ({cfg.feature_source.name}): {count(fs):,} parameters ({modules(fs)}), "
+          f"{len(fs.layers)} taps")
+    print(f"music denoiser ({cfg.denoiser.name}): {count(den):,} parameters ({modules(den)}), "
+          f"{cfg.sampling.seconds} s -> latent {tuple(shape)}, {den.noise_schedule.family} schedule "
+          f"({den.noise_schedule.prediction_type})")
+    rule = "explicit pairs" if cfg.synapse.pairs else f"pairing: {cfg.synapse.pairing}"
+    print(f"mixer: {cfg.synapse.mixer.name} {cfg.synapse.mixer.params or ''}  aligner: {cfg.synapse.aligner.name}"
+          f"  ({rule})")
     rows = synapse.wiring()
     cols = ["image_layer", "music_layer", "heads", "head_dim", "image_tokens", "music_tokens", "aligner", "params"]
     table = [cols] + [[str(r[c]) for c in cols] for r in rows]

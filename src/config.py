@@ -192,15 +192,29 @@ class SynapseConfig(_Strict):
     music_layers: list[str] | None = None
     image_attention: Literal["attn1", "attn2"] = "attn1"
     music_attention: Literal["attn1", "attn2"] = "attn2"
-    image_trajectory: Literal["reverse", "inversion", "noise"] = "reverse"
+    # how image taps pair with music layers: "auto" (one to one when the counts match, else by relative
+    # depth), "order" or "depth" (melfusion.synapse.pair_layers); ``pairs`` lists [image, music] pairs instead
+    pairing: Literal["auto", "order", "depth"] = "auto"
+    pairs: list[tuple[str, str]] | None = None
+    # a name of the ``trajectory`` registry (built in: reverse, inversion, noise)
+    image_trajectory: str = "reverse"
     # None (the paper): the music step at timestep t gets the image features at t. An int caps the image
     # timestep: music steps above it get the features at the largest image timestep <= the cap (a partial
     # inversion), so the image cue stays legible while the music is still mostly noise (docs/mini.md)
     image_timestep_max: NonNegativeInt | None = None
 
+    @field_validator("image_trajectory")
+    @classmethod
+    def _known_trajectory(cls, value: str) -> str:
+        from .registry import registry
+
+        _ensure_builtin_parts()
+        registry("trajectory").get(value)  # unknown: an error listing the known modes
+        return value
+
     @model_validator(mode="after")
     def _same_count(self) -> SynapseConfig:
-        if self.image_layers is not None and self.music_layers is not None:
+        if self.image_layers is not None and self.music_layers is not None and self.pairing == "order":
             if len(self.image_layers) != len(self.music_layers):
                 raise ValueError(
                     f"image_layers ({len(self.image_layers)}) and music_layers ({len(self.music_layers)}) "
@@ -209,7 +223,10 @@ class SynapseConfig(_Strict):
         return self
 
 
-SCHEDULERS = ("ddim", "ddpm", "dpm_solver++")
+from .schedules import SCHEDULER_NAMES  # noqa: E402
+
+#: the short scheduler names, every family (a diffusers scheduler class name is accepted too)
+SCHEDULERS = tuple(name for table in SCHEDULER_NAMES.values() for name in table)
 
 
 class SamplingConfig(_Strict):
@@ -218,7 +235,8 @@ class SamplingConfig(_Strict):
     num_inference_steps: PositiveInt = 200
     guidance_scale: float = Field(7.0, ge=0.0, le=1000.0)
     image_guidance_scale: float | None = Field(None, ge=0.0, le=1000.0)
-    scheduler: str = "ddim"
+    # None: the denoiser's own default (ddim for the DDPM-family UNets; Stable Audio: cosine_dpm_solver)
+    scheduler: str | None = None
     seconds: PositiveFloat = 10.24
     num_samples: PositiveInt = 1
     # image-UNet timesteps: None = every sampling step (the paper); k = k timesteps spread over the sampling
@@ -227,9 +245,12 @@ class SamplingConfig(_Strict):
 
     @field_validator("scheduler")
     @classmethod
-    def _known_scheduler(cls, value: str) -> str:
-        if value not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {value!r}; known: {', '.join(SCHEDULERS)}")
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value not in SCHEDULERS and not (value.endswith("Scheduler") and value.isidentifier()):
+            raise ValueError(f"unknown scheduler {value!r}; known: {', '.join(SCHEDULERS)}, or a diffusers "
+                             f"scheduler class name")
         return value
 
 
@@ -546,4 +567,50 @@ def _mini() -> dict[str, Any]:
     }
 
 
-PRESETS = {"tiny": _tiny, "mini": _mini, "paper": _paper, "reference": _reference, "audioldm": _audioldm}
+def _tiny_stable_audio() -> dict[str, Any]:
+    # tiny random parts in Stable Audio's layout (runs on a CPU in seconds): the tiny SD image side, a 2-block
+    # DiT with grouped-query cross-attention (4 query heads, 2 key/value heads of 8) on a tiny stereo Oobleck
+    # VAE (hop 256, 8 channels); the image taps are 64 wide and the DiT's keys 16, so a learned aligner maps them
+    data = _tiny()
+    data["name"] = "tiny_stable_audio"
+    data["denoiser"] = {"name": "stable_audio_dit",
+                        "params": {"transformer": {"config": "tiny"}, "projection": {"config": "tiny"},
+                                   "default_scheduler": "edm_dpm_solver"}}
+    data["text_encoder"] = {"name": "t5", "params": {"config": "tiny", "max_length": 16, "padding": "max_length",
+                                                      "unconditional": "zeros"}}
+    data["codec"] = {"name": "oobleck", "params": {"config": {
+        "encoder_hidden_size": 16, "downsampling_ratios": [4, 8, 8], "channel_multiples": [1, 2, 2],
+        "decoder_channels": 8, "decoder_input_channels": 8, "audio_channels": 2, "sampling_rate": 44100}}}
+    data["vocoder"] = {"name": "none", "params": {"sample_rate": 44100}}
+    data["synapse"] = {"mixer": {"name": "convex", "params": {"init": 0.5}}, "aligner": {"name": "linear"}}
+    data["sampling"] = {"num_inference_steps": 8, "guidance_scale": 7.0, "seconds": 0.5}
+    data.update(sample_rate=44_100, hop_length=512, n_mels=64)
+    return data
+
+
+def _stable_audio() -> dict[str, Any]:
+    # Stable Audio Open 1.0 (DiT, T5-base, Oobleck VAE, 44.1 kHz stereo) as the music model, the paper's SD 2.1
+    # as the image model; the 9 SD decoder taps pair with the 24 DiT blocks by relative depth, and a learned
+    # projection maps SD's 320/640/1280-wide keys onto the DiT's 12 x 64 key/value heads
+    repo = "stabilityai/stable-audio-open-1.0"
+    return {
+        "name": "stable_audio",
+        "feature_source": _paper()["feature_source"],
+        "denoiser": {"name": "stable_audio_dit", "params": {
+            "transformer": {"pretrained": repo, "subfolder": "transformer", "config": "stable_audio_dit"},
+            "projection": {"pretrained": repo, "subfolder": "projection_model",
+                           "config": "stable_audio_projection"}}},
+        "text_encoder": {"name": "t5", "params": {
+            "pretrained": repo, "subfolder": "text_encoder", "tokenizer_subfolder": "tokenizer", "config": "t5_base",
+            "max_length": 128, "padding": "max_length", "unconditional": "zeros"}},
+        "codec": {"name": "oobleck", "params": {"pretrained": repo, "subfolder": "vae", "config": "oobleck_vae"}},
+        "vocoder": {"name": "none", "params": {"sample_rate": 44100}},
+        "synapse": {"mixer": {"name": "convex"}, "aligner": {"name": "linear"}, "image_trajectory": "reverse",
+                    "pairing": "auto"},
+        "sampling": {"num_inference_steps": 100, "guidance_scale": 7.0, "seconds": 10.0},
+        "sample_rate": 44_100, "hop_length": 512, "n_mels": 128,
+    }
+
+
+PRESETS = {"tiny": _tiny, "mini": _mini, "paper": _paper, "reference": _reference, "audioldm": _audioldm,
+           "tiny_stable_audio": _tiny_stable_audio, "stable_audio": _stable_audio}

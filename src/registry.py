@@ -24,7 +24,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("feature_source", "mixer", "aligner", "denoiser", "codec", "vocoder", "text_encoder")
+KINDS = ("feature_source", "mixer", "aligner", "denoiser", "codec", "vocoder", "text_encoder", "trajectory")
 
 #: entry-point group per kind, for parts shipped by other distributions
 ENTRY_POINT_GROUPS = {
@@ -35,6 +35,7 @@ ENTRY_POINT_GROUPS = {
     "codec": "melfusion.codecs",
     "vocoder": "melfusion.vocoders",
     "text_encoder": "melfusion.text_encoders",
+    "trajectory": "melfusion.trajectories",
 }
 
 

@@ -10,6 +10,7 @@ from melfusion.backbones import AudioLDMDenoiser, AudioLDMVAECodec, ClapTextEnco
 from melfusion.backbones.audioldm import AUDIOLDM_NOISE_SCHEDULE, TINY_AUDIOLDM_UNET
 from melfusion.pipeline import MelFusion, make_scheduler, noise_schedule
 from melfusion.presets import load_json
+from melfusion.schedules import NoiseSchedule
 from melfusion.synapse import decoder_layers, probe_layers
 from melfusion.vocoders import HiFiGANVocoder
 
@@ -167,7 +168,7 @@ def test_denoiser_loads_from_a_saved_folder(tmp_path):
     assert torch.equal(a, b) and torch.equal(a, c)
     assert den.layer_names == ["up_blocks.0.attentions.0", "up_blocks.0.attentions.1"]
     assert den.in_channels == 8 and den.attention == "attn2" and den.prediction_type == "epsilon"
-    assert den.noise_schedule == {**AUDIOLDM_NOISE_SCHEDULE, "prediction_type": "epsilon"}
+    assert den.noise_schedule == NoiseSchedule.ddpm("epsilon", **AUDIOLDM_NOISE_SCHEDULE)
     assert [(i.heads, i.head_dim) for i in den.layers] == [(4, 12), (4, 12)]
     with pytest.raises(ValueError, match="text"):
         den(x, torch.tensor(500), torch.zeros(2, 3, 32))
@@ -254,7 +255,7 @@ def test_cli_inspect_audioldm(capsys):
 
     assert main(["inspect", "--preset", "audioldm"]) == 0
     out = capsys.readouterr().out
-    assert "music UNet (audioldm): 185,036,552 parameters" in out
+    assert "music denoiser (audioldm): 185,036,552 parameters" in out
     assert "20->8  64->80" in out and "9 layer pairs" in out
 
 

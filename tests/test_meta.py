@@ -24,10 +24,8 @@ def test_paper_pairing_has_nine_decoder_layers():
     den = cfg.denoiser.build(weights=False, device="meta")
     assert next(fs.unet.parameters()).device.type == "meta"
 
-    class Codec:
-        downsample = 4
-
-    syn = mf.MelFusion.build_synapse(cfg, fs, den, Codec())
+    codec = cfg.codec.build(weights=False, device="meta")
+    syn = mf.MelFusion.build_synapse(cfg, fs, den, codec)
     rows = syn.wiring()
     expected_layers = [f"up_blocks.{b}.attentions.{a}" for b in (1, 2, 3) for a in (0, 1, 2)]
     assert [r["image_layer"] for r in rows] == expected_layers

@@ -81,9 +81,10 @@ def test_cli_generate_without_a_model_uses_the_shipped_one(tmp_path, capsys):
 
 
 def test_a_missing_shipped_model_names_the_fix(monkeypatch, tmp_path):
+    import melfusion.persistence as persistence
     import melfusion.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "__file__", str(tmp_path / "pipeline.py"))
+    monkeypatch.setattr(persistence, "__file__", str(tmp_path / "persistence.py"))  # where the weights are looked up
     with pytest.raises(OSError, match="train_mini.py --install"):
         pipeline.shipped_model_path("mini")
     with pytest.raises(ValueError, match="unknown shipped model"):

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..interfaces import TextEncoder
 from ..registry import register
+from ..schedules import NoiseSchedule
 from .base import UNetDenoiser
 from .loading import build_model
 from .text import check_texts
@@ -92,6 +93,7 @@ class AudioLDMDenoiser(UNetDenoiser):
             UNet2DConditionModel, unet, "denoiser.unet", weights=weights, device=device, dtype=dtype,
             tiny=TINY_AUDIOLDM_UNET,
         )
+        self.mark_published("unet", unet, weights)
         if self.unet.config.class_embed_type != "simple_projection":
             raise ValueError(
                 f"denoiser.unet: AudioLDM's UNet takes the CLAP embedding as class_embed_type='simple_projection', "
@@ -100,16 +102,16 @@ class AudioLDMDenoiser(UNetDenoiser):
         self._setup(layers, prediction_type)
 
     @property
-    def noise_schedule(self) -> dict[str, Any]:
-        """AudioLDM's scheduler settings (see ``melfusion.pipeline.make_scheduler``)."""
-        return {**AUDIOLDM_NOISE_SCHEDULE, "prediction_type": self.prediction_type}
+    def noise_schedule(self) -> NoiseSchedule:
+        """AudioLDM's training schedule (betas 0.0015 to 0.0195)."""
+        return NoiseSchedule.ddpm(self.prediction_type, **AUDIOLDM_NOISE_SCHEDULE)
 
     @property
     def text_dim(self) -> int:
         """The CLAP embedding size the UNet expects (512 for AudioLDM)."""
         return self.unet.config.projection_class_embeddings_input_dim
 
-    def forward(self, latents, timestep, text, text_mask=None, synapse_context=None):
+    def forward(self, latents, timestep, text, text_mask=None, timing=None):
         if text.ndim == 3:
             if text.shape[1] != 1:
                 raise ValueError(f"text: expected one CLAP embedding per row (batch, 1, dim), got {tuple(text.shape)}")
@@ -124,7 +126,7 @@ class AudioLDMDenoiser(UNetDenoiser):
 class ClapTextEncoder(TextEncoder):
     """CLAP's text branch with its projection (``ClapTextModelWithProjection``) and its tokenizer.
 
-    ``__call__(texts)`` returns the L2-normalised ``text_embeds`` as
+    ``text_encoder(texts)`` returns the L2-normalised ``text_embeds`` as
     ``(batch, 1, dim)`` and an all-true ``(batch, 1)`` mask, exactly as
     ``AudioLDMPipeline._encode_prompt`` computes them (prompts padded to the
     tokenizer's maximum length). ``pretrained`` is a hub id or a local folder;
@@ -138,10 +140,12 @@ class ClapTextEncoder(TextEncoder):
                  max_length: int | None = None, weights: bool = True, device: Any = None, dtype: Any = None):
         from transformers import ByT5Tokenizer, ClapTextModelWithProjection
 
+        super().__init__()
         spec = {"pretrained": pretrained, "config": config, "subfolder": subfolder if pretrained else None}
         spec = {k: v for k, v in spec.items() if v is not None}
         self.model = build_model(ClapTextModelWithProjection, spec, "text_encoder", weights=weights,
                                  device=device, dtype=dtype, tiny=TINY_CLAP).requires_grad_(False)
+        self.mark_published("model", spec, weights)
         meta = device is not None and torch.device(device).type == "meta"
         if pretrained and weights and not meta:
             from transformers import AutoTokenizer
@@ -171,7 +175,7 @@ class ClapTextEncoder(TextEncoder):
         self.dim = cfg.projection_dim
 
     @torch.no_grad()
-    def __call__(self, texts):
+    def forward(self, texts):
         texts = check_texts(texts)
         device = next(self.model.parameters()).device
         batch = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,

@@ -9,11 +9,21 @@ import torch
 from ..interfaces import LatentCodec
 from ..registry import register
 
-__all__ = ["IdentityCodec", "AudioLDMVAECodec"]
+__all__ = ["MelCodec", "IdentityCodec", "AudioLDMVAECodec"]
+
+
+class MelCodec(LatentCodec):
+    """Base of the codecs whose latent is a (downsampled) mel image ``(C, frames / f, mels / f)``."""
+
+    output = "mel"
+
+    def latent_shape(self, seconds: float, sample_rate: int, hop_length: int, n_mels: int) -> tuple[int, ...]:
+        mel_frames = -(-int(round(seconds * sample_rate)) // hop_length)
+        return (int(self.latent_channels), -(-mel_frames // self.downsample), n_mels // self.downsample)
 
 
 @register("codec", "identity")
-class IdentityCodec(LatentCodec):
+class IdentityCodec(MelCodec):
     """The mel spectrogram ``(batch, 1, frames, mels)`` is the latent, optionally standardised.
 
     ``latent = (mel - shift) / scale``. Log-mel values sit far from zero (around -6 for quiet music), and a
@@ -45,7 +55,7 @@ class IdentityCodec(LatentCodec):
 
 
 @register("codec", "audioldm_vae")
-class AudioLDMVAECodec(LatentCodec):
+class AudioLDMVAECodec(MelCodec):
     """AudioLDM's ``AutoencoderKL`` (``vae/`` of ``cvssp/audioldm-s-full-v2``): 8 latent channels, /4."""
 
     def __init__(self, pretrained: str | None = None, config: str | dict | None = None,
@@ -59,6 +69,7 @@ class AudioLDMVAECodec(LatentCodec):
         spec = {k: v for k, v in spec.items() if v is not None}
         self.vae = build_model(AutoencoderKL, spec, "codec", weights=weights, device=device,
                                dtype=dtype).requires_grad_(False)
+        self.mark_published("vae", spec, weights)
         self.latent_channels = self.vae.config.latent_channels
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
 

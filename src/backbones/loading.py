@@ -137,9 +137,12 @@ def _is_local(name: str | os.PathLike) -> bool:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     """``owner/name`` (or ``name``) that is not an existing local path."""
     return not _is_local(name) and ".." not in name and bool(_HUB_ID.match(name))
+
+
+_is_hub_id = is_hub_id
 
 
 def check_source(pretrained: str | os.PathLike, what: str) -> None:
@@ -352,3 +355,43 @@ def _tango_weights(spec: Mapping[str, Any], what: str) -> Path | None:
         if isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError):
             return None  # the repo exists and has no Tango file: a diffusers repo
         raise
+
+
+def load_diffusers_folder(model: torch.nn.Module, folder: str | os.PathLike, what: str = "model") -> None:
+    """Load the safetensors weights of a diffusers model folder (``save_pretrained`` layout, sharded or not) into
+    the built ``model``, strictly; any failure is one ``OSError`` naming the folder or file."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    single = folder / "diffusion_pytorch_model.safetensors"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise OSError(f"{what}: {str(index)!r} is not a valid shard index ({exc})") from None
+        bad = [f for f in files if f.parent != folder or not f.is_file()]
+        if bad:
+            raise OSError(f"{what}: missing weights file {str(bad[0])!r}")
+    else:
+        raise OSError(f"{what}: missing weights file {str(single)!r}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OSError(f"{what}: cannot load {str(file)!r}: it is corrupt or does not fit the model its config "
+                          f"describes ({first[:200]})") from None
+    try:
+        load_weights(model, state, what, source=repr(str(folder)))
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise OSError(f"{what}: cannot load {str(folder)!r}: it is corrupt or does not fit the model its config "
+                      f"describes ({first[:300]})") from None

@@ -15,6 +15,7 @@ Both ``epsilon`` and ``v_prediction`` models are handled.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 
 from ..interfaces import FeatureSource, LayerInfo
 from ..registry import register
+from ..schedules import NoiseSchedule, ddpm_alphas_cumprod
 from ..synapse.features import FeatureCache
 from ..synapse.install import capture, decoder_layers, layer_info
 from .loading import build_model
@@ -45,13 +47,7 @@ TINY_VAE = {
 def ddim_alphas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                 schedule: str = "scaled_linear") -> torch.Tensor:
     """Cumulative alpha products of the training noise schedule (float64)."""
-    if schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    elif schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-    else:
-        raise ValueError(f"schedule: expected 'scaled_linear' or 'linear', got {schedule!r}")
-    return torch.cumprod(1.0 - betas, dim=0)
+    return ddpm_alphas_cumprod(num_train_timesteps, beta_start, beta_end, schedule)
 
 
 @register("feature_source", "stable_diffusion")
@@ -71,28 +67,54 @@ class StableDiffusionFeatureSource(FeatureSource):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ):
+        super().__init__()
         if resolution < 8 or resolution % 8:
             raise ValueError(f"resolution: expected a positive multiple of 8, got {resolution}")
         self.resolution = resolution
         self.unet: UNet2DConditionModel = build_model(
             UNet2DConditionModel, unet, "feature_source.unet", weights=weights, device=device, dtype=dtype
         ).requires_grad_(False)
+        self.mark_published("unet", unet, weights)
         self.vae: AutoencoderKL | None = None
         if vae is not None:
             self.vae = build_model(
                 AutoencoderKL, vae, "feature_source.vae", weights=weights, device=device, dtype=dtype, tiny=TINY_VAE
             ).requires_grad_(False)
+            self.mark_published("vae", vae, weights)
         self.layer_names = list(layers) if layers is not None else decoder_layers(self.unet)
         self.prediction_type = prediction_type or "epsilon"
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.beta_schedule = beta_schedule
         self.alphas_cumprod = ddim_alphas(schedule=beta_schedule)
         # the empty prompt's embedding; zeros unless a text encoder's output is set (SD: CLIP of "")
         self.null_text = torch.zeros(1, null_text_tokens, self.unet.config.cross_attention_dim)
 
     @property
     def layers(self) -> list[LayerInfo]:
-        return [layer_info(self.unet, name, "attn1") for name in self.layer_names]
+        names = self.layer_names
+        return [replace(layer_info(self.unet, name, "attn1"), depth=i / max(1, len(names) - 1))
+                for i, name in enumerate(names)]
+
+    def select_layers(self, names: Sequence[str]) -> None:
+        names = list(names)
+        for name in names:
+            layer_info(self.unet, name, "attn1")  # a ValueError naming `layers` for an unknown one
+        self.layer_names = names
+
+    def probe_layers(self) -> list[LayerInfo]:
+        from ..synapse.wiring import probe_layers
+
+        size = self.latent_size
+        infos = probe_layers(self.unet, self.layer_names, "attn1", (self.unet.config.in_channels, size, size))
+        return [replace(info, depth=layer.depth) for info, layer in zip(infos, self.layers, strict=True)]
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.ddpm(self.prediction_type, beta_schedule=self.beta_schedule)
+
+    def stored_modules(self) -> dict[str, torch.nn.Module]:
+        return {name: m for name, m in (("unet", self.unet), ("vae", self.vae)) if m is not None}
 
     @property
     def latent_size(self) -> int:
@@ -105,6 +127,9 @@ class StableDiffusionFeatureSource(FeatureSource):
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def cache_key(self) -> tuple:
+        return (id(self), self.resolution, str(self.dtype), str(self.device), self.prediction_type)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,6 +172,10 @@ class StableDiffusionFeatureSource(FeatureSource):
                 f"timesteps: expected values in [0, {len(self.alphas_cumprod) - 1}], got {ts[0]}..{ts[-1]}"
             )
         return ts
+
+    def context(self, batch: int) -> torch.Tensor:
+        """The empty prompt's embedding for ``batch`` rows, as the image UNet takes it."""
+        return self._context(batch)
 
     def _context(self, batch: int) -> torch.Tensor:
         return self.null_text.to(self.device, self.dtype).expand(batch, -1, -1)
@@ -235,20 +264,36 @@ class StableDiffusionFeatureSource(FeatureSource):
 
     def unet_evaluations(self, steps: int, mode: str = "reverse") -> int:
         """Image-UNet evaluations that :meth:`trajectory` makes for ``steps`` timesteps."""
-        return 2 * steps if mode == "reverse" else steps
+        return self.evaluations(steps, mode)
+
+    def evaluations(self, steps: int, mode: str = "reverse") -> int:
+        from ..registry import registry
+
+        return registry("trajectory").build(mode).evaluations(steps)
+
+    @torch.no_grad()
+    def evaluate(self, latents: torch.Tensor, t: int) -> torch.Tensor:
+        """One image-UNet evaluation of noisy ``latents`` at timestep ``t`` with the empty prompt (features are
+        captured by whatever capture is installed); returns the UNet output."""
+        return self.unet(latents.to(self.device, self.dtype), t, encoder_hidden_states=self._context(latents.shape[0])).sample
 
     @torch.no_grad()
     def trajectory(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
                    mode: str = "reverse", transform: Callable[[int, dict], dict] | None = None) -> FeatureCache:
-        """Features of ``latents`` at each of ``timesteps`` (see the module doc for ``mode``).
+        """Features of ``latents`` at each of ``timesteps`` (see the module doc for ``mode``, a name of the
+        ``trajectory`` registry).
 
         ``transform(t, features) -> features`` is applied to each timestep's
         captured ``{layer: (keys, values)}`` as soon as it is captured (the
         pipeline aligns them to the music layers there, so only the small
         aligned tensors are kept).
         """
-        if mode not in ("reverse", "inversion", "noise"):
-            raise ValueError(f"mode: expected 'reverse', 'inversion' or 'noise', got {mode!r}")
+        from ..registry import registry
+
+        try:
+            walk = registry("trajectory").build(mode)
+        except KeyError as exc:  # an unknown name: the registry's message lists the known modes
+            raise ValueError(f"mode: {exc}") from None
         ts = self._check_timesteps(timesteps)
         cache = FeatureCache()
         handle = capture(self.unet, self.layer_names, which="attn1")
@@ -259,20 +304,7 @@ class StableDiffusionFeatureSource(FeatureSource):
             handle.clear()
 
         try:
-            if mode == "noise":
-                alphas = self.alphas_cumprod.to(latents.device)
-                context = self._context(latents.shape[0])
-                gen = torch.Generator(device="cpu").manual_seed(0)
-                noise = torch.randn(latents.shape, generator=gen, dtype=torch.float64).to(latents.device)
-                for t in ts:
-                    a = alphas[t]
-                    x = (a.sqrt() * latents.to(torch.float64) + (1 - a).sqrt() * noise).to(self.dtype)
-                    self.unet(x, t, encoder_hidden_states=context)
-                    keep(t)
-            elif mode == "inversion":
-                self.invert(latents, ts, on_step=keep)
-            else:
-                self.sample(self.invert(latents, ts), ts, on_step=keep)
+            walk.run(self, latents, ts, keep)
             return cache
         finally:
             handle.remove()

@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..registry import register
+from ..schedules import NoiseSchedule
 from .base import UNetDenoiser
 from .loading import load_tango_unet
 
@@ -46,8 +47,14 @@ class TangoDenoiser(UNetDenoiser):
         self.unet: UNet2DConditionModel = load_tango_unet(
             unet, "denoiser.unet", weights=weights, device=device, dtype=dtype
         )
+        self.mark_published("unet", unet, weights)
         self._setup(layers, prediction_type)
         self.beta_schedule = beta_schedule
 
-    def forward(self, latents, timestep, text, text_mask=None, synapse_context=None):
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        """Stable Diffusion's schedule (betas 0.00085 to 0.012), which Tango was trained with."""
+        return NoiseSchedule.ddpm(self.prediction_type, beta_schedule=self.beta_schedule)
+
+    def forward(self, latents, timestep, text, text_mask=None, timing=None):
         return self.unet(latents, timestep, encoder_hidden_states=text, encoder_attention_mask=text_mask).sample

@@ -33,12 +33,13 @@ def check_texts(texts: str | Sequence[str], name: str = "text") -> list[str]:
 
 
 @torch.no_grad()
-def encode_tokens(tokenizer: Any, model: Any, texts: str | Sequence[str], max_length: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token embeddings of ``texts`` (padded to the longest, truncated at ``max_length``) and the bool mask."""
+def encode_tokens(tokenizer: Any, model: Any, texts: str | Sequence[str], max_length: int,
+                  padding: str | bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings of ``texts`` (padded to the longest, or ``padding="max_length"``, truncated at
+    ``max_length``) and the bool mask."""
     texts = check_texts(texts)
     device = next(model.parameters()).device
-    batch = tokenizer(texts, max_length=max_length, padding=True, truncation=True, return_tensors="pt")
+    batch = tokenizer(texts, max_length=max_length, padding=padding, truncation=True, return_tensors="pt")
     batch = {k: v.to(device) for k, v in batch.items()}
     hidden = model(**batch).last_hidden_state
     return hidden, batch["attention_mask"].bool()
@@ -49,22 +50,34 @@ class T5TextEncoder(TextEncoder):
     """A ``T5EncoderModel`` and its tokenizer; ``config="tiny"`` builds a tiny random one (byte tokenizer)."""
 
     def __init__(self, pretrained: str | None = None, config: str | dict | None = None,
-                 max_length: int = 512, weights: bool = True, device: Any = None, dtype: Any = None):
+                 max_length: int = 512, padding: str = "longest", unconditional: str = "empty",
+                 subfolder: str | None = None, tokenizer_subfolder: str | None = None,
+                 weights: bool = True, device: Any = None, dtype: Any = None):
         from transformers import ByT5Tokenizer, T5EncoderModel
 
         from .loading import build_model
 
-        spec = {"pretrained": pretrained, "config": config}
+        super().__init__()
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding: expected 'longest' or 'max_length', got {padding!r}")
+        if unconditional not in ("empty", "zeros"):
+            raise ValueError(f"unconditional: expected 'empty' or 'zeros', got {unconditional!r}")
+        self.padding = padding
+        self.null = unconditional
+        self.null_text = "" if unconditional == "empty" else None
+        spec = {"pretrained": pretrained, "config": config, "subfolder": subfolder if pretrained else None}
         spec = {k: v for k, v in spec.items() if v is not None}
         self.model = build_model(T5EncoderModel, spec, "text_encoder", weights=weights, device=device,
                                  dtype=dtype, tiny=TINY_T5).requires_grad_(False)
+        self.mark_published("model", spec, weights)
         meta = device is not None and torch.device(device).type == "meta"
         # the real tokenizer: from a local folder always, from the hub only when the weights come too
         if pretrained and ((weights and not meta) or os.path.isdir(pretrained)):
             from transformers import AutoTokenizer
 
+            where = tokenizer_subfolder if tokenizer_subfolder is not None else ("tokenizer" if subfolder else None)
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
+                self.tokenizer = AutoTokenizer.from_pretrained(pretrained, **({"subfolder": where} if where else {}))
             except (OSError, ValueError) as exc:
                 raise OSError(f"text_encoder: could not load the tokenizer of {pretrained!r} "
                               f"({type(exc).__name__}: {exc})") from exc
@@ -75,8 +88,20 @@ class T5TextEncoder(TextEncoder):
         self.max_length = max_length
         self.dim = self.model.config.d_model
 
-    def __call__(self, texts):
-        return encode_tokens(self.tokenizer, self.model, texts, self.max_length)
+    def forward(self, texts):
+        if self.padding == "longest":
+            return encode_tokens(self.tokenizer, self.model, texts, self.max_length)
+        # Stable Audio's way: padded to max_length, padding positions zeroed
+        hidden, mask = encode_tokens(self.tokenizer, self.model, texts, self.max_length, padding="max_length")
+        return hidden * mask[..., None].to(hidden.dtype), mask
+
+    def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``unconditional="zeros"`` (Stable Audio): zero embeddings with an all-false mask; else the empty prompt's."""
+        if self.null == "empty":
+            return self([""] * batch)
+        tokens = self.max_length if self.padding == "max_length" else 1
+        emb = torch.zeros(batch, tokens, self.dim, device=self.device, dtype=self.dtype)
+        return emb, torch.zeros(batch, tokens, dtype=torch.bool, device=self.device)
 
 
 def packaged_minilm_path() -> str:
@@ -111,6 +136,7 @@ class MiniLMTextEncoder(TextEncoder):
 
         from .loading import check_source
 
+        super().__init__()
         source = str(pretrained) if pretrained is not None else packaged_minilm_path()
         check_source(source, "text_encoder")
         meta = device is not None and torch.device(device).type == "meta"
@@ -136,12 +162,12 @@ class MiniLMTextEncoder(TextEncoder):
             model = model.to(device=device if not meta else None, dtype=dtype)
         self.model = model.eval().requires_grad_(False)
         # the packaged weights come with a Python package: save_pretrained references them instead of copying
-        self.ships_weights = pretrained is None
+        self.mark_published("model", pretrained is None or {"pretrained": pretrained}, weights and not meta)
         self.max_length = max_length
         self.normalize = normalize
         self.dim = self.model.config.hidden_size
 
-    def __call__(self, texts):
+    def forward(self, texts):
         hidden, mask = encode_tokens(self.tokenizer, self.model, texts, self.max_length)
         if self.normalize:
             hidden = torch.nn.functional.normalize(hidden, dim=-1)

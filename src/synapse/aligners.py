@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 from ..registry import register
 
-__all__ = ["Aligner", "PoolAligner", "InterpolateAligner", "LinearAligner", "pool_tokens", "resize_grid"]
+__all__ = ["Aligner", "PoolAligner", "InterpolateAligner", "LinearAligner", "pool_tokens", "resize_grid",
+           "apply_aligner"]
 
 _MODES = ("area", "bilinear", "bicubic", "nearest", "nearest-exact")
 
@@ -81,6 +82,14 @@ def resize_grid(x: torch.Tensor, source: tuple[int, int], target: tuple[int, int
     kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     img = F.interpolate(img, size=tuple(target), mode=mode, **kwargs)
     return rearrange(img, "b (h d) y x -> b h (y x) d", b=batch, h=heads).to(dtype)
+
+
+def apply_aligner(aligner: nn.Module, x: torch.Tensor, tokens: int, grid: tuple[int, int] | None = None
+                  ) -> torch.Tensor:
+    """The one alignment path: image ``x`` ``(batch, heads_in, n, d_in)`` onto a music layer's ``tokens`` keys
+    (on ``grid`` where the layer attends over a token grid). ``Synapse.align`` (features aligned once per
+    timestep, then cached) and an installed hook with its own aligners both call it."""
+    return aligner(x, tokens, grid)
 
 
 class Aligner(nn.Module):

@@ -19,13 +19,16 @@ from torch import nn
 
 from ..interfaces import LayerInfo
 from ..registry import registry
-from .processors import CaptureProcessor, CaptureStore, InjectProcessor, SynapseState
+from .processors import CaptureProcessor, CaptureStore, InjectProcessor, SynapseHook, SynapseState
 
 __all__ = [
     "decoder_layers",
     "resolve_attention",
     "layer_info",
     "install",
+    "install_hook",
+    "HookHandle",
+    "ProcessorSwap",
     "capture",
     "SynapseHandle",
     "CaptureHandle",
@@ -74,8 +77,10 @@ def layer_info(unet: nn.Module, name: str, which: str = "attn2") -> LayerInfo:
     return LayerInfo(name=name, heads=attn.heads, head_dim=inner // attn.heads)
 
 
-class _Installed:
-    """Processors set on a UNet, with the originals to put back."""
+class ProcessorSwap:
+    """Processors set on attention modules, with the originals to put back on :meth:`remove` (which refuses
+    when another processor replaced one of ours in between). Diffusers-based denoisers use it for
+    ``install_synapse``."""
 
     def __init__(self):
         self._entries: list[tuple[nn.Module, Any, Any]] = []  # (attention, original, ours)
@@ -96,15 +101,25 @@ class _Installed:
             attn.set_processor(original)
         self.removed = True
 
+    def __enter__(self) -> ProcessorSwap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+_Installed = ProcessorSwap
+
 
 class SynapseHandle:
     """Returned by :func:`install`; ``remove()`` puts back the original processors (the same objects)."""
 
-    def __init__(self, layers: list[str], processors: list[InjectProcessor], state: SynapseState,
-                 installed: _Installed):
+    def __init__(self, layers: list[str], processors: list[Any], state: SynapseState,
+                 installed: Any, hook: SynapseHook):
         self.layers = layers
         self.processors = processors
         self.state = state
+        self.hook = hook
         self._installed = installed
 
     def set_features(
@@ -114,13 +129,7 @@ class SynapseHandle:
         image_rows: torch.Tensor | None = None,
     ) -> None:
         """Image ``(keys, values)`` per layer name for the next forward passes (None: no image)."""
-        if features is not None:
-            unknown = sorted(set(features) - set(self.layers))
-            if unknown:
-                raise ValueError(f"features: no synapse is installed on {unknown}; installed layers: {self.layers}")
-        self.state.features = features
-        self.state.timestep = timestep
-        self.state.image_rows = image_rows
+        self.hook.set_features(features, timestep, image_rows)
 
     @contextlib.contextmanager
     def context(self, features, timestep=None, image_rows=None) -> Iterator[SynapseHandle]:
@@ -185,20 +194,50 @@ def install(
     if num_layers is not None and num_layers != len(layers):
         raise ValueError(f"mixer: built for {num_layers} layers, installed on {len(layers)}")
     built = _build_aligners(aligners, unet, layers, which)
-    state = SynapseState()
+    hook = SynapseHook(mixer, layers, built)
+    handle = install_hook(unet, hook, layers, which)
+    return SynapseHandle(layers, handle.processors, hook.state, handle, hook)
+
+
+class HookHandle:
+    """What :func:`install_hook` returns: the processors it set; ``remove()`` puts the originals back."""
+
+    def __init__(self, processors: list[InjectProcessor], installed: _Installed):
+        self.processors = processors
+        self._installed = installed
+
+    def remove(self) -> None:
+        self._installed.remove()
+
+    @property
+    def removed(self) -> bool:
+        return self._installed.removed
+
+
+def install_hook(model: nn.Module, hook: Any, layers: Sequence[str], which: str = "attn2") -> HookHandle:
+    """Make the diffusers attention layers ``layers`` of ``model`` call ``hook(name, key, value)``.
+
+    This is how a diffusers-based denoiser implements ``MusicDenoiser.install_synapse``; ``hook`` is any
+    :class:`melfusion.interfaces.KVHook`.
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers: no layers to install the synapse on")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers: duplicate names in {layers}")
     installed = _Installed()
     processors = []
     try:
-        for index, (name, aligner) in enumerate(zip(layers, built, strict=True)):
-            _, attn = resolve_attention(unet, name, which)
-            layer_info(unet, name, which)  # validates the attention type
-            proc = InjectProcessor(name, index, mixer, aligner, state, original=attn.processor)
+        for name in layers:
+            _, attn = resolve_attention(model, name, which)
+            layer_info(model, name, which)  # validates the attention type
+            proc = InjectProcessor(name, hook, original=attn.processor)
             installed.set(attn, proc)
             processors.append(proc)
     except Exception:
         installed.remove()
         raise
-    return SynapseHandle(layers, processors, state, installed)
+    return HookHandle(processors, installed)
 
 
 class CaptureHandle:

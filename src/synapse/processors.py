@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["KVProcessor", "CaptureProcessor", "InjectProcessor", "SynapseState", "CaptureStore"]
+__all__ = ["KVProcessor", "CaptureProcessor", "InjectProcessor", "SynapseState", "SynapseHook", "CaptureStore"]
 
 
 class _Ref:
@@ -127,7 +127,7 @@ class CaptureProcessor(KVProcessor):
 
 @dataclass
 class SynapseState:
-    """What the injecting processors read on a forward pass; set through the install handle.
+    """What the synapse hook reads on a forward pass; set through the install handle.
 
     ``features`` maps a music layer name to the image ``(keys, values)``, each
     ``(batch_img, heads, tokens, head_dim)``; the music batch must be a whole
@@ -144,65 +144,109 @@ class SynapseState:
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-class InjectProcessor(KVProcessor):
-    """Mixes aligned image keys/values into this layer's: ``K <- mixer(layer, K, align(K_img))``.
+class SynapseHook:
+    """The synapse as a :class:`melfusion.interfaces.KVHook`: ``hook(layer, K, V) -> (K', V')``.
 
-    With no features in the state (or none for this layer) it runs the
-    original processor unchanged, so an installed synapse without an image is
-    an exact no-op.
+    ``K' = mixer(i, K, image_K)`` (and the same for V) for the ``i``-th installed layer, on the rows
+    ``state.image_rows`` selects; with no features set for ``layer`` it returns ``K, V`` themselves, so an
+    installed synapse without an image is an exact no-op. Any denoiser calls it from its attention layers
+    (diffusers models through :class:`InjectProcessor`; a plain-torch model directly).
     """
 
-    def __init__(self, name: str, index: int, mixer: nn.Module, aligner: nn.Module | None,
-                 state: SynapseState, original: Any = None):
-        super().__init__(name, original)
-        self.index = index
-        self._mixer = _Ref(mixer)
-        self._aligner = _Ref(aligner)
-        self._state = _Ref(state)
+    def __init__(self, mixer: nn.Module, layers: list[str], aligners: list[nn.Module | None] | None = None,
+                 state: SynapseState | None = None):
+        self.mixer = mixer
+        self.layers = list(layers)
+        self.index = {name: i for i, name in enumerate(self.layers)}
+        self.aligners = list(aligners) if aligners is not None else [None] * len(self.layers)
+        self.state = state if state is not None else SynapseState()
 
-    @property
-    def mixer(self) -> nn.Module:
-        return self._mixer.obj
+    def active(self, layer: str) -> bool:
+        features = self.state.features
+        return bool(features) and layer in features
 
-    @property
-    def aligner(self) -> nn.Module | None:
-        return self._aligner.obj
+    def set_features(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+                     timestep: torch.Tensor | None = None, image_rows: torch.Tensor | None = None) -> None:
+        """Image ``(keys, values)`` per layer name for the next forward passes (None: no image)."""
+        if features is not None:
+            unknown = sorted(set(features) - set(self.layers))
+            if unknown:
+                raise ValueError(f"features: no synapse is installed on {unknown}; installed layers: {self.layers}")
+        self.state.features = features
+        self.state.timestep = timestep
+        self.state.image_rows = image_rows
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        features = self._state.obj.features
-        if (not features or self.name not in features) and self.original is not None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
-        return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+    def _prepare(self, layer: str, image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        from .aligners import apply_aligner
 
-    def _prepare(self, image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        state = self._state.obj
-        if self.aligner is not None:
-            image = self.aligner(image, tokens=like.shape[2], grid=state.grids.get(self.name))
+        aligner = self.aligners[self.index[layer]]
+        if aligner is not None:
+            image = apply_aligner(aligner, image, like.shape[2], self.state.grids.get(layer))
         if image.shape[1:] != like.shape[1:]:
             raise ValueError(
-                f"synapse layer {self.name!r}: image features {tuple(image.shape)} do not match the music "
+                f"synapse layer {layer!r}: image features {tuple(image.shape)} do not match the music "
                 f"keys {tuple(like.shape)} (batch, heads, tokens, head_dim); configure an aligner"
             )
         batch_img, batch = image.shape[0], like.shape[0]
         if batch_img != batch:
             if batch % batch_img:
                 raise ValueError(
-                    f"synapse layer {self.name!r}: music batch {batch} is not a multiple of image batch {batch_img}"
+                    f"synapse layer {layer!r}: music batch {batch} is not a multiple of image batch {batch_img}"
                 )
             image = image.repeat(batch // batch_img, 1, 1, 1)
         return image.to(device=like.device, dtype=like.dtype)
 
-    def transform(self, attn, key, value):
-        state = self._state.obj
-        if not state.features or self.name not in state.features:
+    def __call__(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
+        if not self.active(layer) or layer not in self.index:
             return key, value
-        image_k, image_v = state.features[self.name]
-        image_k, image_v = self._prepare(image_k, key), self._prepare(image_v, value)
-        mixed_k = self.mixer(self.index, key, image_k, state.timestep)
-        mixed_v = self.mixer(self.index, value, image_v, state.timestep)
+        index = self.index[layer]
+        image_k, image_v = state.features[layer]
+        image_k, image_v = self._prepare(layer, image_k, key), self._prepare(layer, image_v, value)
+        mixed_k = self.mixer(index, key, image_k, state.timestep)
+        mixed_v = self.mixer(index, value, image_v, state.timestep)
         rows = state.image_rows
         if rows is not None:
             rows = rows.to(device=key.device, dtype=torch.bool).view(-1, 1, 1, 1)
             mixed_k = torch.where(rows, mixed_k, key)
             mixed_v = torch.where(rows, mixed_v, value)
         return mixed_k, mixed_v
+
+
+class InjectProcessor(KVProcessor):
+    """Calls the synapse hook on this diffusers attention layer's keys/values: ``K <- mixer(layer, K, K_img)``.
+
+    With no features in the state (or none for this layer) it runs the
+    original processor unchanged, so an installed synapse without an image is
+    an exact no-op.
+    """
+
+    def __init__(self, name: str, hook: SynapseHook, original: Any = None):
+        super().__init__(name, original)
+        self._hook = _Ref(hook)
+
+    @property
+    def hook(self) -> SynapseHook:
+        return self._hook.obj
+
+    @property
+    def index(self) -> int:
+        return self.hook.index[self.name]  # (a SynapseHook's layer index)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self.hook.mixer
+
+    @property
+    def aligner(self) -> nn.Module | None:
+        return self.hook.aligners[self.index]
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        hook = self.hook
+        idle = isinstance(hook, SynapseHook) and not hook.active(self.name)
+        if idle and self.original is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+        return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+
+    def transform(self, attn, key, value):
+        return self.hook(self.name, key, value)

@@ -16,10 +16,11 @@ from torch import nn
 
 from ..interfaces import LayerInfo
 from ..registry import registry
+from .aligners import apply_aligner
 from .features import FeatureCache
 from .install import capture, layer_info, resolve_attention
 
-__all__ = ["probe_layers", "LayerPair", "Synapse"]
+__all__ = ["probe_layers", "LayerPair", "Synapse", "pair_layers", "PAIRINGS", "nearest_depth"]
 
 
 def probe_layers(unet: nn.Module, names: Sequence[str], which: str, sample_shape: Sequence[int],
@@ -99,6 +100,64 @@ class LayerPair:
     music: LayerInfo
 
 
+PAIRINGS = ("auto", "order", "depth")
+
+
+def pair_layers(image: Sequence[LayerInfo], music: Sequence[LayerInfo], rule: str = "auto",
+                pairs: Sequence[Sequence[str]] | None = None) -> list[LayerPair]:
+    """Pair image taps with music layers.
+
+    - ``order``: one to one, in order (the counts must be equal);
+    - ``depth``: each music layer gets the image layer of nearest relative depth (``LayerInfo.depth``, the
+      layer's position in its network's forward order scaled to [0, 1]; ties go to the shallower image
+      layer), so an image layer may feed several music layers (9 SD decoder taps into a 24-block DiT) and
+      image layers may go unused (more taps than music layers);
+    - ``auto`` (default): ``order`` when the counts are equal, else ``depth``.
+
+    ``pairs`` (``[[image_name, music_name], ...]``) overrides the rule: exactly these pairs, in this order.
+    """
+    image, music = list(image), list(music)
+    if pairs is not None:
+        by_image = {i.name: i for i in image}
+        by_music = {m.name: m for m in music}
+        out = []
+        for k, pair in enumerate(pairs):
+            if len(pair) != 2:
+                raise ValueError(f"synapse.pairs[{k}]: expected [image_layer, music_layer], got {pair!r}")
+            a, b = pair
+            if a not in by_image:
+                raise ValueError(f"synapse.pairs[{k}]: {a!r} is not one of the image layers {sorted(by_image)}")
+            if b not in by_music:
+                raise ValueError(f"synapse.pairs[{k}]: {b!r} is not one of the music layers {sorted(by_music)}")
+            out.append(LayerPair(by_image[a], by_music[b]))
+        if len({p.music.name for p in out}) != len(out):
+            raise ValueError("synapse.pairs: each music layer may appear once")
+        if not out:
+            raise ValueError("synapse.pairs: the synapse needs at least one layer pair")
+        return out
+    if rule not in PAIRINGS:
+        raise ValueError(f"synapse.pairing: expected one of {', '.join(PAIRINGS)}, got {rule!r}")
+    if not image or not music:
+        raise ValueError("layers: the synapse needs at least one image layer and one music layer")
+    if rule == "order" or (rule == "auto" and len(image) == len(music)):
+        if len(image) != len(music):
+            raise ValueError(f"layers: {len(image)} image layers cannot pair one to one with {len(music)} music "
+                             f"layers; set synapse.pairing: depth")
+        return [LayerPair(i, m) for i, m in zip(image, music, strict=True)]
+    return [LayerPair(image[nearest_depth(_depth(m, j, len(music)), [_depth(i, k, len(image))
+                                                                     for k, i in enumerate(image)])], m)
+            for j, m in enumerate(music)]
+
+
+def _depth(info: LayerInfo, index: int, count: int) -> float:
+    return float(info.depth) if info.depth is not None else index / max(1, count - 1)
+
+
+def nearest_depth(depth: float, depths: Sequence[float]) -> int:
+    """Index of the entry of ``depths`` nearest to ``depth`` (ties: the first, i.e. the shallower)."""
+    return min(range(len(depths)), key=lambda k: (abs(depths[k] - depth), k))
+
+
 class Synapse(nn.Module):
     """The mixer plus one aligner per (image layer, music layer) pair."""
 
@@ -158,22 +217,23 @@ class Synapse(nn.Module):
         missing = [self.pairs[i].music.name for i, n in enumerate(tokens) if n is None]
         if missing:
             raise ValueError(f"tokens: no key count for the music layers {missing}; give one per pair")
-        index = {p.image.name: i for i, p in enumerate(self.pairs)}
+        wanted = list(dict.fromkeys(p.image.name for p in self.pairs))
         out = FeatureCache()
         for t in cache.timesteps:
             step = cache.at(t)
-            absent = [name for name in index if name not in step]
+            absent = [name for name in wanted if name not in step]
             if step and absent:
                 raise ValueError(f"cache: the image features at t={t} lack the synapse's image layers {absent} "
                                  f"(captured: {sorted(step)}); the feature source must capture the layers "
                                  "that synapse.image_layers names")
             aligned = {}
-            for name, (k, v) in step.items():
-                if name not in index:
+            for i, pair in enumerate(self.pairs):  # an image layer may feed several music layers
+                if pair.image.name not in step:
                     continue
-                i = index[name]
+                k, v = step[pair.image.name]
                 align = self.aligners[i]
-                aligned[self.pairs[i].music.name] = (align(k, tokens[i], grids[i]), align(v, tokens[i], grids[i]))
+                aligned[pair.music.name] = (apply_aligner(align, k, tokens[i], grids[i]),
+                                            apply_aligner(align, v, tokens[i], grids[i]))
             out.add(t, aligned)
         return out
 

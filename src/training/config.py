@@ -20,6 +20,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -88,7 +89,10 @@ class TrainConfig(_Strict):
     min_snr_gamma: PositiveFloat | None = None  # min-SNR loss weighting; the released code uses 5
     text_dropout: float = Field(0.1, ge=0.0, le=1.0)  # rows trained with the empty prompt (for guidance)
     image_dropout: float = Field(0.1, ge=0.0, le=1.0)  # rows trained without image features
-    image_features: Literal["noised", "inverted"] = "noised"
+    # the image trajectory training reads features on: "noised" (alias "noise": the clean image latent
+    # forward-noised to each row's timestep) or "inverted" (alias "inversion": the DDIM-inversion trajectory),
+    # the names generation's image_trajectory uses
+    image_features: Literal["noised", "inverted", "noise", "inversion"] = "noised"
     inversion_steps: PositiveInt = 50  # the DDIM-inversion grid for image_features="inverted"
     batch_size: PositiveInt = 4  # per process
     # micro-batches per optimizer step; past a few thousand a step never ends on any machine (bounded to say so)
@@ -104,6 +108,11 @@ class TrainConfig(_Strict):
     tensorboard: bool = True  # when the tensorboard package is installed
     plot: bool = True  # loss and alphas PNG beside the CSV log
     progress: bool = True
+
+    @field_validator("image_features")
+    @classmethod
+    def _one_vocabulary(cls, value: str) -> str:
+        return {"noise": "noised", "inversion": "inverted"}.get(value, value)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -130,7 +130,7 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
     from ..pipeline import MelFusion
     from .checkpoints import latest_checkpoint
     from .config import TrainConfig
-    from .image_ldm import load_images, train_image_unet, train_image_vae
+    from .image_ldm import copy_image_model, image_vae_config, load_images, train_image_unet, train_image_vae
     from .trainer import Trainer
 
     recipe = MiniRecipe() if recipe is None else recipe
@@ -151,9 +151,7 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
     start = time.perf_counter()
     if image_from is not None:
         source = MelFusion.from_pretrained(image_from)
-        fs.unet.load_state_dict(source.feature_source.unet.state_dict())
-        fs.vae.load_state_dict(source.feature_source.vae.state_dict())
-        fs.vae.register_to_config(scaling_factor=source.feature_source.vae.config.scaling_factor)
+        copy_image_model(fs, source.feature_source)
     else:
         images = load_images(_image_paths(train_manifest), fs.resolution)
         losses["image_vae"] = train_image_vae(fs, images, steps=recipe.image_vae_steps, seed=recipe.seed,
@@ -165,9 +163,7 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
     # the trained VAE's scaling factor must travel with the saved config
     data = cfg.to_dict()
     vae_spec = data["feature_source"]["params"]["vae"]
-    vae_config = dict(fs.vae.config) if not isinstance(vae_spec.get("config"), dict) else vae_spec["config"]
-    vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
-    vae_config["scaling_factor"] = float(fs.vae.config.scaling_factor)
+    vae_config = image_vae_config(fs, vae_spec.get("config"))
     vae_spec["config"] = _jsonable(vae_config)
     cfg = MelFusionConfig.model_validate(data)
     model.config = cfg
@@ -194,7 +190,7 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
     summary = {"recipe": asdict(recipe), "timings": timings, "train_manifest": str(train_manifest),
                "heldout_manifest": str(heldout_manifest), "model": str(model_dir),
                "final_losses": {k: sum(v[-50:]) / max(len(v[-50:]), 1) for k, v in losses.items()},
-               "alphas": trainer._alphas()}
+               "alphas": trainer.alpha_summary()}
     write_atomic(output / "mini_summary.json", json.dumps(summary, indent=2))
     return model_dir
 

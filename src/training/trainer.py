@@ -40,7 +40,8 @@ from torch import nn
 
 from ..checks import NonFiniteError, check_size, non_finite_names, positive_int
 from ..files import OutputExistsError, atomic_path
-from ..pipeline import MelFusion, _frozen_modules, make_scheduler, noise_schedule
+from ..pipeline import MelFusion
+from ..schedules import edm_training_sigmas, snr_to_timesteps
 from ..synapse.features import FeatureCache, tensor_digest
 from .checkpoints import (
     CHECKPOINT_PATTERN,
@@ -136,20 +137,22 @@ class MusicTrainModule(nn.Module):
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 image_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                image_rows: torch.Tensor | None = None) -> torch.Tensor:
+                image_rows: torch.Tensor | None = None, timing: torch.Tensor | None = None,
+                image_timesteps: torch.Tensor | None = None) -> torch.Tensor:
         model = self._model.obj
-        handle = model._handle
-        if image_kv is None or handle is None:
-            return self.denoiser(noisy, timesteps, text, text_mask)
-        tokens, grids = model.music_tokens(int(text.shape[1]), (noisy.shape[2], noisy.shape[3]))
+        hook = model.synapse_hook
+        if image_kv is None or hook is None:
+            return self.denoiser(noisy, timesteps, text, text_mask, timing)
+        tokens, grids = model.music_tokens(int(text.shape[1]), tuple(noisy.shape[2:]))
         step = FeatureCache()
         step.add(0, image_kv)
         features = self.synapse.align(step, tokens, grids).at(0)
-        handle.set_features(features, timestep=timesteps, image_rows=image_rows)
+        hook.set_features(features, timestep=image_timesteps if image_timesteps is not None else timesteps,
+                          image_rows=image_rows)
         try:
-            return self.denoiser(noisy, timesteps, text, text_mask)
+            return self.denoiser(noisy, timesteps, text, text_mask, timing)
         finally:
-            handle.set_features(None)
+            hook.set_features(None)
 
 
 class _Stream(torch.utils.data.Dataset):
@@ -285,8 +288,7 @@ class Trainer:
         self.wrapped, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.ema = EMA(self._trained(), config.ema.decay, config.ema.start_step) if config.ema.enabled else None
         fs = model.feature_source  # cached image latents belong to this image model, resolution and dtype
-        self._image_model_tag = (f"{model.config.feature_source.model_dump_json()}|{getattr(fs, 'resolution', None)}"
-                                 f"|{getattr(fs, 'dtype', None)}")
+        self._image_model_tag = f"{model.config.feature_source.model_dump_json()}|{fs.resolution}|{fs.dtype}"
 
     def _on_main(self, fn):
         """``fn()`` on the main process, its result on every process; what it raises, every process raises.
@@ -323,13 +325,14 @@ class Trainer:
     def _freeze_and_select(self) -> None:
         m, mode = self.model, self.config.mode
         for part in (m.feature_source, m.text_encoder, m.codec, m.vocoder):
-            for module in _frozen_modules(part).values():
-                module.requires_grad_(False).eval()
-                if self.frozen_dtype != torch.float32 and self.device.type != "cpu":
+            part.requires_grad_(False).eval()
+            if self.frozen_dtype != torch.float32 and self.device.type != "cpu":
+                for module in part.stored_modules().values():
                     module.to(dtype=self.frozen_dtype)
-        unet = m.denoiser.unet
-        unet.requires_grad_(mode == "synapse+unet")
-        unet.train(mode == "synapse+unet")
+        m.denoiser.requires_grad_(False).eval()
+        for module in m.denoiser.trainable_modules().values():
+            module.requires_grad_(mode == "synapse+unet")
+            module.train(mode == "synapse+unet")
         if m.synapse is not None:
             m.synapse.requires_grad_(False)
             m.synapse.mixer.requires_grad_(True)
@@ -348,7 +351,8 @@ class Trainer:
             alphas = [p for p in m.synapse.mixer.parameters() if p.requires_grad]
             others = [p for p in m.synapse.aligners.parameters() if p.requires_grad]
         if self.config.mode == "synapse+unet":
-            unet = [p for p in m.denoiser.unet.parameters() if p.requires_grad]
+            unet = [p for module in m.denoiser.trainable_modules().values() for p in module.parameters()
+                    if p.requires_grad]
         groups = []
         for name, params, lr, wd in (("alphas", alphas, o.alpha_lr, 0.0), ("synapse", others, o.synapse_lr,
                                                                             o.weight_decay),
@@ -361,29 +365,39 @@ class Trainer:
 
     def _build_schedule(self) -> None:
         c, m = self.config, self.model
-        schedule = noise_schedule(m.denoiser)
+        schedule = m.denoiser.noise_schedule
         if c.prediction_type is not None:
-            schedule["prediction_type"] = c.prediction_type
-        self.prediction_type = schedule["prediction_type"]
-        self.alphas_cumprod = make_scheduler("ddpm", **schedule).alphas_cumprod.to(self.device, torch.float64)
+            if schedule.family == "flow":
+                raise ValueError(f"prediction_type: a flow-matching denoiser predicts the velocity; "
+                                 f"{c.prediction_type!r} does not apply")
+            schedule = schedule.with_prediction(c.prediction_type)
+        self.schedule = schedule
+        self.prediction_type = schedule.prediction_type
+        self.alphas_cumprod = (schedule.alphas_cumprod().to(self.device, torch.float64)
+                               if schedule.family == "ddpm" else None)
+        # the scheduler whose preconditioning the edm family's loss follows (its public precondition_* methods)
+        self.train_scheduler = schedule.make_scheduler() if schedule.family == "edm" else None
+        self.image_alphas = m.feature_source.noise_schedule.alphas_cumprod() if m.synapse is not None else None
         seconds = m.config.sampling.seconds if c.data.seconds is None else c.data.seconds
-        height, width = m.latent_hw(seconds, "data.seconds")
-        # a lower bound of a batch's memory (audio, the widest UNet level's activations and their gradients):
+        shape = m.latent_hw(seconds, "data.seconds")
+        self.latent_shape = (m.denoiser.in_channels, *shape)
+        # a lower bound of a batch's memory (audio, the denoiser's activations and their gradients):
         # refuse what cannot fit before any allocation
-        width0 = int(m.denoiser.unet.config.block_out_channels[0])
-        estimate = c.batch_size * (height * width * width0 * 4 * 16 * 2 + int(seconds * m.config.sample_rate) * 64)
+        estimate = (m.denoiser.activation_bytes(self.latent_shape, c.batch_size) * 2
+                    + c.batch_size * int(seconds * m.config.sample_rate) * 64)
         limit = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         check_size(estimate, "data.seconds" if c.data.seconds is not None else "batch_size",
                    f"a batch of {c.batch_size} clips of {seconds:g} s", limit=limit,
                    hint="lower batch_size or data.seconds")
-        self.mel_frames = height * getattr(m.codec, "downsample", 1)
+        # mel codecs: mel frames per clip; waveform codecs: samples per clip
+        self.mel_frames = shape[0] * m.codec.downsample
         self.seconds = seconds
         from ..datasets.mel import MelFrontEnd
 
         self.front_end = MelFrontEnd(sample_rate=m.config.sample_rate, hop_length=m.config.hop_length,
                                      n_mels=m.config.n_mels)
         if m.synapse is not None and c.image_features == "inverted":
-            grid = make_scheduler("ddim", **schedule)
+            grid = m.feature_source.noise_schedule.make_scheduler("ddim")
             if c.inversion_steps > grid.config.num_train_timesteps:
                 raise ValueError(f"inversion_steps: {c.inversion_steps} is more than the image model's "
                                  f"{grid.config.num_train_timesteps} training timesteps")
@@ -407,7 +421,7 @@ class Trainer:
         manifest = Path(c.data.manifest)
         self.manifest_record = {"path": str(manifest.resolve()), "sha256": manifest_digest(manifest),
                                 "rows": len(self.rows)} if acc.is_main_process else None
-        image_size = getattr(self.model.feature_source, "resolution", None) if needs_image else None
+        image_size = self.model.feature_source.resolution if needs_image else None
         self.dataset = TripletDataset(self.rows, sample_rate=self.model.config.sample_rate, seconds=self.seconds,
                                       image_size=image_size, random_crop=c.data.random_crop, seed=c.seed)
 
@@ -424,6 +438,14 @@ class Trainer:
 
     # -- one micro-batch -------------------------------------------------------------------
     def _latents(self, audio: torch.Tensor) -> torch.Tensor:
+        codec = self.model.codec
+        if codec.output == "waveform":  # the codec encodes the waveform itself: cut or pad it to the clip
+            wave = audio.to(self.device).float()
+            wave = wave[:, None] if wave.ndim == 2 else wave
+            n = self.mel_frames
+            wave = wave[..., :n] if wave.shape[-1] >= n else torch.nn.functional.pad(wave, (0, n - wave.shape[-1]))
+            with torch.no_grad():
+                return codec.encode(wave.to(codec.dtype)).float()
         mel = self.front_end.batch(audio.to(self.device))  # (batch, frames, mels)
         frames = mel.shape[1]
         if frames >= self.mel_frames:
@@ -431,11 +453,8 @@ class Trainer:
         else:  # pad with the log floor (silence)
             pad = mel.new_full((mel.shape[0], self.mel_frames - frames, mel.shape[2]), math.log(self.front_end.log_floor))
             mel = torch.cat([mel, pad], dim=1)
-        codec = self.model.codec
-        params = [p for module in _frozen_modules(codec).values() for p in module.parameters()]
-        dtype = params[0].dtype if params else torch.float32
         with torch.no_grad():
-            return codec.encode(mel[:, None].to(dtype)).float()
+            return codec.encode(mel[:, None].to(codec.dtype)).float()
 
     def _image_kv(self, images: torch.Tensor, timesteps: torch.Tensor, gen: torch.Generator
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -510,28 +529,36 @@ class Trainer:
         torch.manual_seed(_seed_for(c.seed, step, micro, acc.process_index, 1))  # dropout layers, if any
         latents = self._latents(batch["audio"])
         b = latents.shape[0]
-        t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=gen)
+        family = self.schedule.family
+        if family == "ddpm":
+            t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=gen)
+        else:  # a continuous noise level: edm sigma or flow time
+            t = (edm_training_sigmas(self.schedule, b, gen) if family == "edm"
+                 else torch.rand(b, generator=gen, dtype=torch.float64).clamp(1e-4, 1 - 1e-4))
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
         drop_text = torch.rand(b, generator=gen) < c.text_dropout
         drop_image = torch.rand(b, generator=gen) < c.image_dropout
         texts = ["" if d else text for d, text in zip(drop_text.tolist(), batch["text"], strict=True)]
         with torch.no_grad():
             emb, mask = m.text_encoder(texts)
-        t_dev, noise = t.to(self.device), noise.to(self.device)
-        a = self.alphas_cumprod[t_dev].view(-1, 1, 1, 1)
-        noisy = (a.sqrt() * latents + (1 - a).sqrt() * noise).float()
-        target = noise if self.prediction_type == "epsilon" else (a.sqrt() * noise - (1 - a).sqrt() * latents).float()
-        image_kv, rows = None, None
+        noise = noise.to(self.device)
+        noisy, model_t, target, snr = self._noised(latents, noise, t)
+        image_kv, rows, t_img = None, None, None
         if m.synapse is not None:
             if batch.get("image") is None:
                 raise ValueError("data.manifest: the synapse needs an image for every row")
-            image_kv = self._image_kv(batch["image"], t, gen)
+            # the image features at the image timestep of equal SNR (identity when both share a schedule)
+            t_img = t if family == "ddpm" and self._same_schedule() else snr_to_timesteps(snr.cpu(), self.image_alphas)
+            image_kv = self._image_kv(batch["image"], t_img, gen)
             rows = (~drop_image).to(self.device)
-        unet_dtype = m.denoiser.unet.dtype
-        pred = self.wrapped(noisy.to(unet_dtype), t_dev, emb.to(self.device, unet_dtype), mask.to(self.device),
-                            image_kv, rows).float()
+            t_img = t_img.to(self.device)
+        dtype = m.denoiser.dtype
+        timing = torch.tensor([[0.0, float(self.seconds)]], device=self.device).expand(b, 2)
+        pred = self.wrapped(noisy.to(dtype), model_t, emb.to(self.device, dtype), mask.to(self.device),
+                            image_kv, rows, timing, t_img).float()
         per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.ndim)))
-        if c.min_snr_gamma is not None:
+        if c.min_snr_gamma is not None and family == "ddpm":
+            a = self.alphas_cumprod[t.to(self.device)].view(-1, *([1] * (latents.ndim - 1)))
             snr = (a / (1 - a)).view(-1).float()
             clipped = snr.clamp(max=c.min_snr_gamma)
             weight = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
@@ -658,6 +685,43 @@ class Trainer:
 
     def _lrs(self) -> dict[str, float]:
         return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
+
+    def _same_schedule(self) -> bool:
+        image = self.model.feature_source.noise_schedule
+        return image.family == "ddpm" and dict(image.params) == dict(self.schedule.params)
+
+    def _noised(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(model input, model timestep, target, SNR)`` for clean ``latents`` at noise levels ``t`` (Algorithm 1's
+        noising, in the denoiser's own family: ddpm timesteps, edm sigmas or flow times)."""
+        family = self.schedule.family
+        view = (-1, *([1] * (latents.ndim - 1)))
+        if family == "ddpm":
+            t_dev = t.to(self.device)
+            a = self.alphas_cumprod[t_dev].view(view)
+            noisy = (a.sqrt() * latents + (1 - a).sqrt() * noise).float()
+            target = noise if self.prediction_type == "epsilon" else (a.sqrt() * noise - (1 - a).sqrt() * latents)
+            return noisy, t_dev, target.float(), (a / (1 - a)).view(-1)
+        if family == "edm":
+            sched = self.train_scheduler
+            sigma = t.to(self.device, torch.float32).view(view)
+            x = latents + sigma * noise
+            model_in = sched.precondition_inputs(x, sigma)
+            model_t = sched.precondition_noise(t.to(self.device, torch.float32))
+            # the preconditioning is linear in the model output: denoised = c_skip * x + c_out * F
+            zero = torch.zeros_like(x)
+            c_skip_x = sched.precondition_outputs(x, zero, sigma)
+            c_out = sched.precondition_outputs(zero, torch.ones_like(x), sigma)
+            target = (latents - c_skip_x) / c_out
+            return model_in.float(), model_t, target.float(), self.schedule.snr_of_sigma(t).to(self.device)
+        s = t.to(self.device, torch.float32).view(view)  # flow matching
+        x = (1 - s) * latents + s * noise
+        model_t = t.to(self.device, torch.float32) * self.schedule.num_train_timesteps
+        return x.float(), model_t, (noise - latents).float(), self.schedule.snr_of_sigma(t).to(self.device)
+
+    def alpha_summary(self) -> list[float]:
+        """The mixer's current alphas, averaged per layer (empty for a mixer whose weights depend on the input)."""
+        return self._alphas()
 
     def _alphas(self) -> list[float]:
         syn = self.model.synapse

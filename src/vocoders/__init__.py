@@ -2,5 +2,6 @@
 
 from .griffin_lim import GriffinLimVocoder
 from .hifigan import HiFiGANVocoder
+from .none import NoVocoder
 
-__all__ = ["GriffinLimVocoder", "HiFiGANVocoder"]
+__all__ = ["GriffinLimVocoder", "HiFiGANVocoder", "NoVocoder"]

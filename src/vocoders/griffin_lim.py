@@ -21,6 +21,7 @@ class GriffinLimVocoder(Vocoder):
     def __init__(self, n_iter: int = 32, sample_rate: int = 16_000, hop_length: int = 160, n_mels: int = 64,
                  max_log_mel: float = 5.0, weights: bool = True, device=None, dtype=None):
         # weights/device/dtype: the build arguments shared by all parts; Griffin-Lim has no weights
+        super().__init__()
         if n_iter < 1:
             raise ValueError(f"n_iter: expected a positive int, got {n_iter}")
         self.front_end = MelFrontEnd(sample_rate=sample_rate, hop_length=hop_length, n_mels=n_mels)
@@ -29,7 +30,7 @@ class GriffinLimVocoder(Vocoder):
         self.max_log_mel = max_log_mel
         self._inverse_basis = np.linalg.pinv(self.front_end.mel_basis())
 
-    def __call__(self, mel: torch.Tensor) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
         mel = torch.as_tensor(mel)
         if mel.ndim == 4:  # (batch, 1, frames, mels)
             mel = mel[:, 0]

@@ -20,14 +20,16 @@ class HiFiGANVocoder(Vocoder):
 
         from ..backbones.loading import build_model
 
+        super().__init__()
         spec = {"pretrained": pretrained, "config": config, "subfolder": subfolder if pretrained else None}
         spec = {k: v for k, v in spec.items() if v is not None}
         self.model = build_model(SpeechT5HifiGan, spec, "vocoder", weights=weights, device=device,
                                  dtype=dtype).requires_grad_(False)
+        self.mark_published("model", spec, weights)
         self.sample_rate = int(self.model.config.sampling_rate)
 
     @torch.no_grad()
-    def __call__(self, mel: torch.Tensor) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
         if mel.ndim == 4:
             mel = mel[:, 0]
         param = next(self.model.parameters())
