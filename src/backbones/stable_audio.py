@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -502,9 +503,11 @@ class OobleckCodec(LatentCodec):
             }
             vae = {k: v for k, v in spec.items() if v is not None}
         meta = device is not None and torch.device(device).type == "meta"
-        self.vae: AutoencoderOobleck = build_model(
-            AutoencoderOobleck, vae, "codec", weights=weights, device=device, dtype=dtype, tiny=TINY_OOBLECK
-        ).requires_grad_(False)
+        with warnings.catch_warnings():  # diffusers' Oobleck still uses torch's deprecated weight_norm
+            warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
+            self.vae: AutoencoderOobleck = build_model(
+                AutoencoderOobleck, vae, "codec", weights=weights, device=device, dtype=dtype, tiny=TINY_OOBLECK
+            ).requires_grad_(False)
         self._published = {"vae"} if vae.get("pretrained") and weights and not meta else set()
         self.latent_channels = int(self.vae.config.decoder_input_channels)
         self.downsample = int(self.vae.hop_length)
