@@ -7,7 +7,12 @@ from diffusers import AudioLDMPipeline, DDIMScheduler, UNet2DConditionModel
 
 import melfusion as mf
 from melfusion.backbones import AudioLDMDenoiser, AudioLDMVAECodec, ClapTextEncoder
-from melfusion.backbones.audioldm import AUDIOLDM_NOISE_SCHEDULE, TINY_AUDIOLDM_UNET
+from melfusion.backbones.audioldm import (
+    AUDIOLDM_NOISE_SCHEDULE,
+    TINY_AUDIOLDM_HIFIGAN,
+    TINY_AUDIOLDM_UNET,
+    TINY_AUDIOLDM_VAE,
+)
 from melfusion.pipeline import MelFusion, make_scheduler, noise_schedule
 from melfusion.presets import load_json
 from melfusion.schedules import NoiseSchedule
@@ -17,27 +22,7 @@ from melfusion.vocoders import HiFiGANVocoder
 # tiny AudioLDM parts: 32 mel bins, a /2 VAE with 8 latent channels, a HiFi-GAN upsampling 4 * 4 = 16 samples
 # per frame at 16 kHz (the mel hop), so 0.064 s = 64 frames = 1024 samples with no rounding anywhere
 N_MELS, HOP, SAMPLE_RATE, SECONDS = 32, 16, 16_000, 0.064
-TINY_VAE = {
-    "in_channels": 1,
-    "out_channels": 1,
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "block_out_channels": [8, 16],
-    "latent_channels": 8,
-    "norm_num_groups": 8,
-    "layers_per_block": 1,
-    "sample_size": 64,
-}
-TINY_HIFIGAN = {
-    "model_in_dim": N_MELS,
-    "sampling_rate": SAMPLE_RATE,
-    "upsample_initial_channel": 16,
-    "upsample_rates": [4, 4],
-    "upsample_kernel_sizes": [8, 8],
-    "resblock_kernel_sizes": [3],
-    "resblock_dilation_sizes": [[1, 3]],
-    "normalize_before": False,
-}
+TINY_VAE, TINY_HIFIGAN = TINY_AUDIOLDM_VAE, TINY_AUDIOLDM_HIFIGAN
 
 
 def _tiny_parts():

@@ -25,6 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 import melfusion as mf
+from melfusion.backbones.audioldm import TINY_AUDIOLDM_HIFIGAN, TINY_AUDIOLDM_VAE
 from melfusion.interfaces import (
     FeatureSource,
     LatentCodec,
@@ -84,27 +85,7 @@ _TINY_PRESET = mf.MelFusionConfig.preset("tiny")
 # tiny AudioLDM parts (as in tests/test_audioldm.py): 32 mel bins, a /2 VAE with 8 latent channels, a HiFi-GAN
 # upsampling 4 * 4 = 16 samples per frame at 16 kHz
 N_MELS, HOP, SAMPLE_RATE, SECONDS = 32, 16, 16_000, 0.064
-TINY_VAE = {
-    "in_channels": 1,
-    "out_channels": 1,
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "block_out_channels": [8, 16],
-    "latent_channels": 8,
-    "norm_num_groups": 8,
-    "layers_per_block": 1,
-    "sample_size": 64,
-}
-TINY_HIFIGAN = {
-    "model_in_dim": N_MELS,
-    "sampling_rate": SAMPLE_RATE,
-    "upsample_initial_channel": 16,
-    "upsample_rates": [4, 4],
-    "upsample_kernel_sizes": [8, 8],
-    "resblock_kernel_sizes": [3],
-    "resblock_dilation_sizes": [[1, 3]],
-    "normalize_before": False,
-}
+TINY_VAE, TINY_HIFIGAN = TINY_AUDIOLDM_VAE, TINY_AUDIOLDM_HIFIGAN
 #: the tiny Oobleck's hop (2 * 4 samples a latent frame) and a clip of 32 frames
 OOBLECK_HOP, OOBLECK_SAMPLES = 8, 256
 

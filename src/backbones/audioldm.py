@@ -24,7 +24,8 @@ from .base import UNetDenoiser
 from .loading import build_model
 from .text import check_texts
 
-__all__ = ["AudioLDMDenoiser", "ClapTextEncoder", "TINY_AUDIOLDM_UNET", "TINY_CLAP", "AUDIOLDM_NOISE_SCHEDULE"]
+__all__ = ["AudioLDMDenoiser", "ClapTextEncoder", "TINY_AUDIOLDM_UNET", "TINY_CLAP", "AUDIOLDM_NOISE_SCHEDULE",
+           "TINY_AUDIOLDM_VAE", "TINY_AUDIOLDM_HIFIGAN"]
 
 #: AudioLDM's training noise schedule (``linear_start``/``linear_end`` of the original config)
 AUDIOLDM_NOISE_SCHEDULE = dict(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
@@ -46,6 +47,30 @@ TINY_AUDIOLDM_UNET = {
     "in_channels": 8,
     "out_channels": 8,
     "sample_size": 32,
+}
+
+#: a tiny AudioLDM-style VAE for mels of 32 bins: /2, 8 latent channels
+TINY_AUDIOLDM_VAE = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [8, 16],
+    "latent_channels": 8,
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "sample_size": 64,
+}
+#: a tiny HiFi-GAN for 32 mel bins at 16 kHz, upsampling 4 * 4 = 16 samples per frame
+TINY_AUDIOLDM_HIFIGAN = {
+    "model_in_dim": 32,
+    "sampling_rate": 16_000,
+    "upsample_initial_channel": 16,
+    "upsample_rates": [4, 4],
+    "upsample_kernel_sizes": [8, 8],
+    "resblock_kernel_sizes": [3],
+    "resblock_dilation_sizes": [[1, 3]],
+    "normalize_before": False,
 }
 
 #: a tiny CLAP text model for the byte tokenizer (384 ids, pad 0, eos 1); 32-d projection
