@@ -67,6 +67,9 @@ def _generate(args: argparse.Namespace) -> int:
     check_output(spectrogram, "--spectrogram", overwrite=args.overwrite, inputs=inputs + [str(p) for p in outs],
                  suffixes=(".png",))
     dtype = _dtype(args.dtype)
+    if args.device is not None and str(args.device).split(":")[0] == "meta":
+        raise ValueError("--device: 'meta' holds no weights and cannot generate; `melfusion inspect` builds a "
+                         "model there")
     start = time.perf_counter()
     if args.model or not (args.preset or args.config):
         # no model, preset or config: the shipped mini model (docs/mini.md)

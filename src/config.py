@@ -212,8 +212,22 @@ class SynapseConfig(_Strict):
         registry("trajectory").get(value)  # unknown: an error listing the known modes
         return value
 
+    @field_validator("image_layers", "music_layers")
+    @classmethod
+    def _layer_list(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("empty: omit it for the default layers")
+        repeated = sorted({n for n in value if value.count(n) > 1})
+        if repeated:
+            raise ValueError(f"names {repeated} appear more than once")
+        return value
+
     @model_validator(mode="after")
     def _same_count(self) -> SynapseConfig:
+        if self.pairs is not None and self.pairing != "auto":
+            raise ValueError(f"pairing: {self.pairing!r} and an explicit 'pairs' list contradict each other; give one")
         if self.image_layers is not None and self.music_layers is not None and self.pairing == "order":
             if len(self.image_layers) != len(self.music_layers):
                 raise ValueError(
@@ -574,8 +588,7 @@ def _tiny_stable_audio() -> dict[str, Any]:
     data = _tiny()
     data["name"] = "tiny_stable_audio"
     data["denoiser"] = {"name": "stable_audio_dit",
-                        "params": {"transformer": {"config": "tiny"}, "projection": {"config": "tiny"},
-                                   "default_scheduler": "edm_dpm_solver"}}
+                        "params": {"transformer": {"config": "tiny"}, "projection": {"config": "tiny"}}}
     data["text_encoder"] = {"name": "t5", "params": {"config": "tiny", "max_length": 16, "padding": "max_length",
                                                       "unconditional": "zeros"}}
     data["codec"] = {"name": "oobleck", "params": {"config": {

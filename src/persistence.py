@@ -90,6 +90,7 @@ def save_model(model: Any, path: str | Path) -> Path:
 def load_model(cls: Any, path: str | Path, *, device: Any = None, dtype: torch.dtype | None = None,
                revision: str | None = None) -> Any:
     """:meth:`MelFusion.from_pretrained` (see there)."""
+    from .checks import check_finite_tensors
     from .pipeline import check_device, check_dtype
 
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
@@ -108,6 +109,9 @@ def load_model(cls: Any, path: str | Path, *, device: Any = None, dtype: torch.d
         if part_name == "denoiser":
             denoiser = _loading(folder / index.get("unet", "unet"), part_cfg, dict(common, weights=False))
             denoiser.load_weights(folder)
+            for name, module in denoiser.stored_modules().items():
+                check_finite_tensors(module.state_dict(), f"model: the denoiser's {name} in {str(folder)!r}",
+                                     "refused to load")
             parts[part_name] = denoiser
             continue
         saved = stored.get(part_name, [])

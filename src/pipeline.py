@@ -46,6 +46,8 @@ from .persistence import (
 from .sampling import (
     StepCallback,
     cap_timesteps,
+    check_callback,
+    check_latents,
     denoise,
     image_timesteps,
     make_scheduler,
@@ -267,6 +269,9 @@ class MelFusion:
         Cached image features are dropped.
         """
         device, dtype = check_device(device), check_dtype(dtype)
+        if device is not None and torch.device(device).type == "meta":
+            raise ValueError("device: 'meta' holds no weights: moving a model there would discard them; build "
+                             "architectures on it with MelFusion.from_config(config, weights=False, device='meta')")
         for name in PARTS:
             getattr(self, name).to(device=device, dtype=dtype)
         if self.synapse is not None and device is not None:
@@ -426,18 +431,16 @@ class MelFusion:
         (one ``torch.Generator``, or one per row), scaled by the scheduler's initial sigma."""
         shape = tuple(int(n) for n in shape)
         if latents is not None:
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-                raise ValueError(f"latents: expected a tensor of shape {shape}, got "
-                                 f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
-            if not bool(torch.isfinite(latents).all()):
-                raise ValueError("latents: NaN or infinite values")
-            noise = latents.detach().to(torch.float32)
+            noise = check_latents(latents, shape).detach().to(torch.float32)
         elif isinstance(generator, (list, tuple)):
             if len(generator) != shape[0]:
                 raise ValueError(f"generator: got {len(generator)} generators for a batch of {shape[0]}")
+            for g in generator:
+                check_generator(g)
             noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32, device=g.device)
                                .cpu() for g in generator])
         else:
+            check_generator(generator)
             dev = generator.device if generator is not None else "cpu"
             noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=dev).cpu()
         return noise.to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -446,6 +449,8 @@ class MelFusion:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Latents -> ``(waveforms, mel)`` cut to exactly ``seconds`` (the latent covered at least that)."""
         decoded = self.codec.decode(latents.to(self.dtype)).float()
+        if not bool(torch.isfinite(decoded).all()):
+            raise NonFiniteError("model: the codec decoded NaN or infinite values; nothing was written")
         waves_t = self.vocoder(decoded).float()
         waves = waves_t.cpu().numpy()
         if not np.isfinite(waves).all():
@@ -497,15 +502,26 @@ class MelFusion:
         """
         req = self.check_inputs(image, text, num_inference_steps, guidance_scale, image_guidance_scale, seconds,
                                 num_samples, image_steps, negative_text)
+        callback_on_step_end = check_callback(callback_on_step_end)
+        if isinstance(generator, (list, tuple)):
+            for g in generator:
+                check_generator(g)
+        elif generator is not None:
+            check_generator(generator)
         seed = check_seed(seed)
         if generator is None and seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(int(seed))
         sched = self.make_scheduler(scheduler)
-        if self.denoiser.noise_schedule.family == "ddpm":
+        schedule = self.denoiser.noise_schedule
+        if schedule.family == "ddpm":
             most = sched.config.num_train_timesteps - int(sched.config.get("steps_offset", 0) or 0)
             if req.steps > most:
                 raise ValueError(f"num_inference_steps: expected at most {most} for this scheduler and the model's "
                                  f"{sched.config.num_train_timesteps} training timesteps, got {req.steps}")
+        elif req.steps > MAX_STEPS:
+            raise ValueError(f"num_inference_steps: expected at most {MAX_STEPS}, got {req.steps}")
+        if int(round(req.seconds * self.sample_rate)) < 1:
+            raise ValueError(f"seconds: {req.seconds:g} s is shorter than one sample at {self.sample_rate} Hz")
         shape = (req.batch, *self.latent_shape(req.seconds, round_up=True))
         self.check_memory(req.seconds, req.batch, req.branches, shape[1:])
         sched.set_timesteps(req.steps, device=self.device)
@@ -544,10 +560,11 @@ class MelFusion:
         def nonfinite(i: int, t: Any) -> Exception:
             return NonFiniteError(
                 f"guidance_scale: the music latent became NaN or infinite at timestep {float(t):g} (step {i}; guidance "
-                f"{g_text:g}{f', image guidance {g_image:g}' if three else ''}); use smaller guidance scales")
+                f"{g_text:g}{f', image guidance {g_image:g}' if three else ''}); use smaller guidance scales "
+                f"(or check the starting latents and the model's weights)")
 
         final = denoise(self, start, sched, predict, generator=generator, callback=callback_on_step_end,
-                        progress=progress, on_nonfinite=nonfinite)
+                        progress=progress, on_nonfinite=nonfinite, model_timesteps=schedule.model_timesteps(sched))
         waves, mel = self.decode(final, req.seconds, peak_normalize)
         prompts = [t for t in req.texts for _ in range(req.samples)]
         return GenerationOutput(waveforms=waves, sample_rate=self.sample_rate, mel=mel, texts=prompts)
@@ -604,6 +621,14 @@ def check_device(device: Any) -> Any:
 _positive_int = positive_int  # the shared check (melfusion.checks), under the name this module's callers use
 
 
+def check_generator(generator: Any) -> Any:
+    """``generator`` if it is a ``torch.Generator`` (or None); a ``ValueError`` naming ``generator`` otherwise."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or a list of them (one per clip), got "
+                         f"{type(generator).__name__}")
+    return generator
+
+
 def check_seed(seed: Any, name: str = "seed") -> int | None:
     """``seed`` as an int torch's generator takes (``[-2**63, 2**64)``), or None."""
     if seed is None:
@@ -617,6 +642,8 @@ def check_seed(seed: Any, name: str = "seed") -> int | None:
 
 #: the largest guidance scale generate takes: beyond it a float32 prediction is noise or overflows
 MAX_GUIDANCE = 1000.0
+#: the most sampling steps generate takes for a continuous (edm, flow) schedule; ddpm: its training timesteps
+MAX_STEPS = 10_000
 #: the longest clip generate is asked for (a day); memory is checked separately, before anything is allocated
 MAX_SECONDS = 86_400.0
 

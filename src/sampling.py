@@ -16,6 +16,7 @@ schedule, as in the paper (Stable Diffusion's for both), ``t_img(i)`` is the mus
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,33 +91,80 @@ def _step_kwargs(scheduler: Any, generator: Any) -> dict[str, Any]:
     return {"generator": generator} if "generator" in accepted and generator is not None else {}
 
 
+def check_latents(latents: Any, shape: tuple[int, ...], name: str = "latents") -> torch.Tensor:
+    """``latents`` as given, if it is a dense, real floating tensor of ``shape`` holding finite values."""
+    if not isinstance(latents, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape {shape}, got {type(latents).__name__}")
+    if latents.layout != torch.strided or latents.is_meta:
+        raise ValueError(f"{name}: expected a dense tensor with data, got a {latents.layout} tensor on "
+                         f"{latents.device}")
+    if not latents.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a floating tensor, got {latents.dtype}")
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, got {tuple(latents.shape)}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError(f"{name}: NaN or infinite values")
+    return latents
+
+
+def check_callback(callback: Any) -> StepCallback | None:
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback_on_step_end: expected a function, got {type(callback).__name__}")
+    return callback
+
+
+_CALLBACK_KEYS = {"latents", "stop"}
+
+
 def denoise(model: Any, latents: torch.Tensor, scheduler: Any, predict: Callable[[torch.Tensor, Any, int],
             torch.Tensor], *, generator: Any = None, callback: StepCallback | None = None,
-            progress: bool = True, on_nonfinite: Callable[[int, Any], Exception] | None = None) -> torch.Tensor:
-    """The denoising loop: ``latents <- scheduler.step(predict(scale_model_input(latents, t), t, i), t, latents)``.
+            progress: bool = True, on_nonfinite: Callable[[int, Any], Exception] | None = None,
+            model_timesteps: Sequence[Any] | None = None) -> torch.Tensor:
+    """The denoising loop: ``latents <- scheduler.step(predict(scale_model_input(latents, t), t_model, i), t,
+    latents)``.
 
-    ``predict(x, t, i)`` returns the guided model output for step ``i``. ``callback`` (diffusers'
-    ``callback_on_step_end`` convention) may replace the latents or stop the loop early.
+    ``predict(x, t_model, i)`` returns the guided model output for step ``i``; ``t_model`` is
+    ``model_timesteps[i]`` (the model's own noise conditioning, see ``NoiseSchedule.model_timesteps``), else the
+    scheduler's timestep. ``callback`` (diffusers' ``callback_on_step_end`` convention) may replace the latents
+    (``{"latents": x}``) or stop the loop early (``{"stop": True}``).
     """
+    with warnings.catch_warnings():
+        # diffusers' cosine DPM-Solver asks its Brownian tree (torchsde) for the final sigma 0, below the tree's
+        # sigma_min, at the last step (and float32 sigma_max a hair above it); torchsde warns each time, harmlessly
+        warnings.filterwarnings("ignore", message=r"Should have t[ab][<>]=t[01]", category=UserWarning)
+        return _denoise(model, latents, scheduler, predict, generator, callback, progress, on_nonfinite,
+                        model_timesteps)
+
+
+def _denoise(model, latents, scheduler, predict, generator, callback, progress, on_nonfinite, model_timesteps):
     from tqdm.auto import tqdm
 
     kwargs = _step_kwargs(scheduler, generator)
     scale = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers take the latents as they are
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="melfusion", disable=not progress, leave=False)):
         x = scale(latents, t) if scale is not None else latents
-        pred = predict(x, t, i)
+        pred = predict(x, model_timesteps[i] if model_timesteps is not None else t, i)
         latents = scheduler.step(pred, t, latents, **kwargs).prev_sample
         if not bool(torch.isfinite(latents).all()) and on_nonfinite is not None:
             raise on_nonfinite(i, t)
         if callback is not None:
             result = callback(model, i, t, {"latents": latents})
-            if result:
-                if result.get("latents") is not None:
-                    new = result["latents"]
-                    if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
-                        raise ValueError(f"callback_on_step_end: returned latents of shape "
-                                         f"{getattr(new, 'shape', None)}, expected {tuple(latents.shape)}")
-                    latents = new.to(latents.device, latents.dtype)
-                if result.get("stop"):
-                    break
+            if result is None:
+                continue
+            if not isinstance(result, dict):
+                raise ValueError(f"callback_on_step_end: expected None or a dict with 'latents' and/or 'stop', "
+                                 f"got {type(result).__name__} at step {i}")
+            unknown = sorted(set(map(str, result)) - _CALLBACK_KEYS)
+            if unknown:
+                raise ValueError(f"callback_on_step_end: unknown keys {unknown} at step {i}; it may return "
+                                 f"'latents' and 'stop'")
+            if result.get("latents") is not None:
+                new = check_latents(result["latents"], tuple(latents.shape),
+                                    f"callback_on_step_end: the latents returned at step {i}")
+                latents = new.to(latents.device, latents.dtype)
+            stop = result.get("stop", False)
+            if not isinstance(stop, bool):
+                raise ValueError(f"callback_on_step_end: 'stop' must be True or False, got {stop!r}")
+            if stop:
+                break
     return latents

@@ -28,6 +28,13 @@ import torch
 __all__ = ["NoiseSchedule", "FAMILIES", "SCHEDULER_NAMES", "snr_to_timesteps", "step_snr", "ddpm_alphas_cumprod"]
 
 FAMILIES = ("ddpm", "edm", "flow")
+#: how an edm-family model sees its noise level (see NoiseSchedule.edm)
+NOISE_CONDITIONINGS = ("atan", "log")
+#: schedulers that look like a family by their settings but sample something else (consistency models: their
+#: own timestep convention and clipping) or whose step needs more than the denoiser's output (inpainting)
+NOT_SAMPLERS = {"CMStochasticIterativeScheduler": "a consistency-model sampler",
+                "RePaintScheduler": "an inpainting sampler (its step needs an image and a mask)"}
+MAX_STEPS = 10_000
 
 #: short names of the diffusers schedulers, per family (any other scheduler class of the family may be
 #: given as a class or its class name)
@@ -93,10 +100,19 @@ class NoiseSchedule:
     @classmethod
     def edm(cls, prediction_type: str = "v_prediction", sigma_min: float = 0.3, sigma_max: float = 500.0,
             sigma_data: float = 1.0, sigma_schedule: str = "exponential",
-            default_scheduler: str = "cosine_dpm_solver") -> NoiseSchedule:
-        """A continuous-sigma schedule; the defaults are Stable Audio Open's."""
+            default_scheduler: str = "cosine_dpm_solver", noise_conditioning: str = "atan") -> NoiseSchedule:
+        """A continuous-sigma schedule; the defaults are Stable Audio Open's.
+
+        ``noise_conditioning`` is how the model was trained to see its noise level: ``"atan"``
+        (``atan(sigma) * 2 / pi``, Stable Audio's cosine schedule) or ``"log"`` (``0.25 * ln(sigma)``, Karras et
+        al.'s EDM). Generation and training give the model that, whichever scheduler of the family samples.
+        """
+        if noise_conditioning not in NOISE_CONDITIONINGS:
+            raise ValueError(f"noise_conditioning: expected one of {', '.join(NOISE_CONDITIONINGS)}, "
+                             f"got {noise_conditioning!r}")
         return cls("edm", prediction_type, dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data,
-                                                sigma_schedule=sigma_schedule), default_scheduler)
+                                                sigma_schedule=sigma_schedule, noise_conditioning=noise_conditioning),
+                   default_scheduler)
 
     @classmethod
     def flow(cls, shift: float = 1.0, num_train_timesteps: int = 1000,
@@ -126,6 +142,9 @@ class NoiseSchedule:
         names = SCHEDULER_NAMES[self.family]
         if isinstance(choice, str):
             class_name = names.get(choice, choice)
+            if class_name in NOT_SAMPLERS:
+                raise ValueError(f"scheduler: {class_name} is {NOT_SAMPLERS[class_name]}, not a sampler melfusion "
+                                 f"can drive; known: {', '.join(names)}")
             cls = getattr(diffusers, class_name, None) if class_name.endswith("Scheduler") else None
             if cls is None:
                 known = ", ".join(names)
@@ -136,10 +155,27 @@ class NoiseSchedule:
         elif isinstance(choice, type):
             cls = choice
         else:
-            raise ValueError(f"scheduler: expected a name or a diffusers scheduler class, got {choice!r}")
-        if scheduler_family(cls) != self.family:
-            raise ValueError(f"scheduler: {cls.__name__} samples the {scheduler_family(cls)} family, but this "
-                             f"model was trained with a {self.family} noise schedule; known: {', '.join(names)}")
+            raise ValueError(f"scheduler: expected a name or a diffusers scheduler class, got "
+                             f"{type(choice).__name__} (an instance: pass its class or name)")
+        from diffusers import SchedulerMixin
+
+        if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+            raise ValueError(f"scheduler: {getattr(cls, '__name__', cls)!r} is not a diffusers scheduler class; "
+                             f"known: {', '.join(names)}")
+        if cls.__name__ in NOT_SAMPLERS:
+            raise ValueError(f"scheduler: {cls.__name__} is {NOT_SAMPLERS[cls.__name__]}, not a sampler melfusion "
+                             f"can drive; known: {', '.join(names)}")
+        family = scheduler_family(cls)
+        if family != self.family:
+            raise ValueError(f"scheduler: {cls.__name__} samples {_a(family)} schedule, but this model was trained "
+                             f"with {_a(self.family)} noise schedule; known: {', '.join(names)}")
+        import inspect
+
+        required = [n for n, p in list(inspect.signature(cls.step).parameters.items())[4:]
+                    if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if required:
+            raise ValueError(f"scheduler: {cls.__name__}.step needs {', '.join(required)} besides the model output, "
+                             f"which plain sampling does not have; known: {', '.join(names)}")
         accepted = set(getattr(cls, "_accepted_keys", None) or _init_keys(cls))
         config: dict[str, Any] = {}
         p = dict(self.params)
@@ -163,6 +199,21 @@ class NoiseSchedule:
         return cls(**config)
 
     # -- noise levels -----------------------------------------------------------------------
+    def model_timesteps(self, scheduler: Any) -> list[Any]:
+        """What the model is given as its timestep at each of ``scheduler.timesteps``: the scheduler's own
+        (ddpm and flow families), or the model's trained conditioning of the step's sigma (edm family), so that
+        any edm scheduler gives the model the noise input it was trained with."""
+        if self.family != "edm":
+            return list(scheduler.timesteps)
+        sigmas = torch.as_tensor(scheduler.sigmas)[: len(scheduler.timesteps)]
+        return [self.model_timestep(s) for s in sigmas]
+
+    def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The edm family's model timestep for noise level(s) ``sigma`` (see :meth:`edm`)."""
+        sigma = torch.as_tensor(sigma)
+        if self.params.get("noise_conditioning", "atan") == "log":
+            return 0.25 * torch.log(sigma)
+        return sigma.atan() / math.pi * 2
     @property
     def num_train_timesteps(self) -> int:
         return int(self.params.get("num_train_timesteps", 1000))
@@ -190,6 +241,10 @@ class NoiseSchedule:
         a = self.alphas_cumprod()
         t = torch.as_tensor(timesteps).long().clamp(0, len(a) - 1)
         return a[t] / (1 - a[t])
+
+
+def _a(family: str) -> str:
+    return f"an {family}" if family[:1] in "aeiou" else f"a {family}"
 
 
 def scheduler_family(cls: type) -> str:

@@ -18,29 +18,41 @@ def model():
     return mf.MelFusion.from_config("tiny_stable_audio")
 
 
-def _pipeline(model):
+def _pipeline(model, scheduler):
     from diffusers import StableAudioPipeline
 
     tokenizer = model.text_encoder.tokenizer
     tokenizer.model_max_length = model.text_encoder.max_length  # what the diffusers pipeline pads to
     return StableAudioPipeline(vae=model.codec.vae, text_encoder=model.text_encoder.model,
                                projection_model=model.denoiser.projection, tokenizer=tokenizer,
-                               transformer=model.denoiser.transformer,
-                               scheduler=model.make_scheduler("edm_dpm_solver"))
+                               transformer=model.denoiser.transformer, scheduler=model.make_scheduler(scheduler))
 
 
-@pytest.mark.parametrize("prompt, guidance", [("a calm flute melody", 7.0), ("drums", 3.0)])
-def test_alpha_zero_and_no_image_equal_diffusers_stable_audio_pipeline(model, prompt, guidance):
-    pipe = _pipeline(model)
+def _edm_log_model():
+    """tiny_stable_audio conditioned on 0.25 ln(sigma), the convention of diffusers' EDM schedulers."""
+    cfg = mf.MelFusionConfig.preset("tiny_stable_audio")
+    cfg.denoiser.params["noise_conditioning"] = "log"
+    torch.manual_seed(0)
+    return mf.MelFusion.from_config(cfg)
+
+
+@pytest.mark.parametrize("scheduler, prompt, guidance", [
+    ("cosine_dpm_solver", "a calm flute melody", 7.0),   # Stable Audio Open's own (an SDE sampler, seeded)
+    ("edm_dpm_solver", "drums", 3.0),                     # the scheduler diffusers' pipeline annotates
+])
+def test_alpha_zero_and_no_image_equal_diffusers_stable_audio_pipeline(model, scheduler, prompt, guidance):
+    model = model if scheduler == "cosine_dpm_solver" else _edm_log_model()
+    pipe = _pipeline(model, scheduler)
     frames = pipe.transformer.config.sample_size  # the pipeline always samples this many latent frames
     seconds = frames * model.codec.downsample / model.sample_rate
     ref = pipe(prompt, audio_end_in_s=seconds, num_inference_steps=5, guidance_scale=guidance,
                generator=torch.Generator().manual_seed(0), output_type="pt").audios.float().numpy()
     kw = dict(text=prompt, seconds=seconds, num_inference_steps=5, guidance_scale=guidance, seed=0,
-              scheduler="edm_dpm_solver", peak_normalize=False, progress=False)
+              scheduler=scheduler, peak_normalize=False, progress=False)
     ours = model.generate(image=None, **kw).waveforms
     n = min(ref.shape[-1], ours.shape[-1])
     assert ref.shape[:2] == ours.shape[:2] == (1, 2) and abs(ref.shape[-1] - ours.shape[-1]) <= 1
+    assert np.abs(ref).max() > 1e-3  # a real signal, not two silences
     np.testing.assert_allclose(ours[..., :n], ref[..., :n], atol=1e-4, rtol=0)
     alphas = model.synapse.mixer.alpha.detach().clone()
     try:
@@ -51,6 +63,28 @@ def test_alpha_zero_and_no_image_equal_diffusers_stable_audio_pipeline(model, pr
         with torch.no_grad():
             model.synapse.mixer.alpha.copy_(alphas)
     np.testing.assert_array_equal(with_image, ours)  # alpha 0: exactly the text-only output
+
+
+def test_every_edm_scheduler_gives_the_model_its_own_noise_conditioning(model):
+    seen = {}
+    for name in ("cosine_dpm_solver", "edm_dpm_solver", "edm_euler"):
+        calls = []
+        original = model.denoiser.forward
+
+        def spy(latents, timestep, *args, _calls=calls, _original=original, **kw):
+            _calls.append(float(torch.as_tensor(timestep).reshape(-1)[0]))
+            return _original(latents, timestep, *args, **kw)
+
+        model.denoiser.forward = spy
+        try:
+            model.generate(text="x", num_inference_steps=4, scheduler=name, progress=False)
+        finally:
+            del model.denoiser.forward
+        seen[name] = calls
+    # Stable Audio was trained on atan(sigma) * 2 / pi in (0, 1): every scheduler gives the model that
+    for calls in seen.values():
+        assert all(0.0 < t < 1.0 for t in calls)
+    np.testing.assert_allclose(seen["edm_euler"][0], seen["cosine_dpm_solver"][0], rtol=1e-6)
 
 
 def test_the_image_changes_the_audio_and_output_is_stereo(model):

@@ -49,7 +49,7 @@ def test_registered_and_shapes():
     s = d.noise_schedule
     assert (s.family, s.prediction_type, s.default_scheduler) == ("edm", "v_prediction", "cosine_dpm_solver")
     assert dict(s.params) == dict(
-        sigma_min=0.3, sigma_max=500.0, sigma_data=1.0, sigma_schedule="exponential"
+        sigma_min=0.3, sigma_max=500.0, sigma_data=1.0, sigma_schedule="exponential", noise_conditioning="atan"
     )
     assert set(d.trainable_modules()) == {"transformer"}
     assert set(d.stored_modules()) == {"transformer", "projection"} and d.published_modules() == set()

@@ -216,6 +216,7 @@ class StableAudioDenoiser(MusicDenoiser):
         sigma_max: float = 500.0,
         sigma_data: float = 1.0,
         default_scheduler: str = "cosine_dpm_solver",
+        noise_conditioning: str = "atan",
         weights: bool = True,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -232,7 +233,7 @@ class StableAudioDenoiser(MusicDenoiser):
             )
         projection = _projection_spec(transformer) if projection is None else projection
         self._schedule = NoiseSchedule.edm(
-            prediction_type, sigma_min, sigma_max, sigma_data, "exponential", default_scheduler
+            prediction_type, sigma_min, sigma_max, sigma_data, "exponential", default_scheduler, noise_conditioning
         )
         self.prediction_type = prediction_type
         meta = device is not None and torch.device(device).type == "meta"

@@ -271,7 +271,13 @@ class Trainer:
             if config.init_from:
                 model = MelFusion.from_pretrained(config.init_from, device=self.device)
             else:
-                model = MelFusion.from_config(config.model_config_resolved(), device=self.device)
+                cfg = config.model_config_resolved()
+                if config.prediction_type is not None:
+                    # the denoiser is built to predict it, so the saved model's config says so too (it samples
+                    # with what it was trained on)
+                    cfg = cfg.model_copy(deep=True)
+                    cfg.denoiser.params["prediction_type"] = config.prediction_type
+                model = MelFusion.from_config(cfg, device=self.device)
         self.model = model
         self.frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision,
                                                                                  torch.float32)
@@ -370,7 +376,15 @@ class Trainer:
             if schedule.family == "flow":
                 raise ValueError(f"prediction_type: a flow-matching denoiser predicts the velocity; "
                                  f"{c.prediction_type!r} does not apply")
-            schedule = schedule.with_prediction(c.prediction_type)
+            if schedule.prediction_type != c.prediction_type:
+                # a given model (init_from, or passed in): training it on another target would save a model whose
+                # config samples it with the old one
+                raise ValueError(f"prediction_type: the model's denoiser predicts {schedule.prediction_type!r}; "
+                                 f"a run on {c.prediction_type!r} would save a model that samples wrongly. Leave "
+                                 f"prediction_type unset, or start from a config whose denoiser predicts it")
+        if c.min_snr_gamma is not None and schedule.family != "ddpm":
+            raise ValueError(f"min_snr_gamma: weights the ddpm family's epsilon/v losses; this denoiser's schedule "
+                             f"is {schedule.family}")
         self.schedule = schedule
         self.prediction_type = schedule.prediction_type
         self.alphas_cumprod = (schedule.alphas_cumprod().to(self.device, torch.float64)
@@ -707,7 +721,7 @@ class Trainer:
             sigma = t.to(self.device, torch.float32).view(view)
             x = latents + sigma * noise
             model_in = sched.precondition_inputs(x, sigma)
-            model_t = sched.precondition_noise(t.to(self.device, torch.float32))
+            model_t = self.schedule.model_timestep(t.to(self.device, torch.float32))  # as sampling gives it
             # the preconditioning is linear in the model output: denoised = c_skip * x + c_out * F
             zero = torch.zeros_like(x)
             c_skip_x = sched.precondition_outputs(x, zero, sigma)
