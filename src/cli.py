@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 def _inspect(args: argparse.Namespace) -> int:
     from .config import MelFusionConfig
-    from .pipeline import MelFusion
+    from .pipeline import MelFusion, probe_shape
 
     cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
     fs = cfg.feature_source.build(weights=False, device="meta")
@@ -28,7 +28,7 @@ def _inspect(args: argparse.Namespace) -> int:
     def modules(part) -> str:
         return ", ".join(f"{name} {count(m):,}" for name, m in part.stored_modules().items())
 
-    shape = MelFusion.probe_shape_of(cfg, codec, den)
+    shape = probe_shape(cfg, codec, den)
     print(f"preset: {cfg.name or args.config}   (built on the meta device: no weights, no memory)")
     print(f"image model ({cfg.feature_source.name}): {count(fs):,} parameters ({modules(fs)}), "
           f"{len(fs.layers)} taps")

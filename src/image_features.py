@@ -42,9 +42,7 @@ def feature_key(model: Any, images: torch.Tensor, timesteps: tuple[int, ...], to
     """What shapes a cached feature set: the image content, the image timesteps, the music token counts, the
     trajectory mode, the feature source and the synapse (with the state of its learned aligners)."""
     # learned aligners change in place while training: a digest of their values is part of the key
-    aligners = model.synapse.aligners
-    state = tuple(tensor_digest(p.detach()) for p in aligners.parameters()) if any(
-        True for _ in aligners.parameters()) else ()
+    state = tuple(tensor_digest(p.detach()) for p in model.synapse.aligners.parameters())
     return (tensor_digest(images), timesteps, tokens, mode, model.feature_source.cache_key(), id(model.synapse),
             state)
 

@@ -332,5 +332,3 @@ def concat_text(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
     padded = [pad_tokens(e, m, tokens) for e, m in parts]
     return torch.cat([e for e, _ in padded]), torch.cat([m for _, m in padded])
 
-
-Conditioning = Any  # what a denoiser's extra conditioning is, for type hints above the parts

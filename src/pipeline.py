@@ -296,11 +296,6 @@ class MelFusion:
         """The music latent ``(C, *axes)`` at the config's clip length, where the synapse's layers were probed."""
         return probe_shape(self.config, self.codec, self.denoiser)
 
-    @staticmethod
-    def probe_shape_of(config: MelFusionConfig, codec: Any, denoiser: Any) -> tuple[int, ...]:
-        """:meth:`probe_shape` for parts not (yet) composed into a model."""
-        return probe_shape(config, codec, denoiser)
-
     def latent_shape(self, seconds: float, *, round_up: bool = True) -> tuple[int, ...]:
         """``(C, *axes)`` of the music latent for ``seconds``: enough frames to cover the clip (``round_up``) or
         at most the clip, in a length the denoiser can process. A ``ValueError`` naming ``seconds`` when none."""
@@ -359,14 +354,11 @@ class MelFusion:
         """Every argument of :meth:`generate` checked (a ``ValueError`` naming the first bad one)."""
         s = self.config.sampling
         texts = check_texts(text, "text")
-        if isinstance(negative_text, str):
-            negatives = [negative_text] * len(texts)
-        else:
-            negatives = check_texts(negative_text, "negative_text") if not isinstance(negative_text, (bytes,)) \
-                else None
-            if negatives is None or len(negatives) != len(texts):
-                raise ValueError(f"negative_text: expected a string or one per text ({len(texts)}), "
-                                 f"got {negative_text!r}")
+        negatives = ([negative_text] * len(texts) if isinstance(negative_text, str)
+                     else check_texts(negative_text, "negative_text"))
+        if len(negatives) != len(texts):
+            raise ValueError(f"negative_text: expected a string or one per text ({len(texts)}), "
+                             f"got {negative_text!r}")
         steps = positive_int(num_inference_steps if num_inference_steps is not None else s.num_inference_steps,
                              "num_inference_steps")
         samples = positive_int(num_samples if num_samples is not None else s.num_samples, "num_samples")
@@ -432,15 +424,12 @@ class MelFusion:
         shape = tuple(int(n) for n in shape)
         if latents is not None:
             noise = check_latents(latents, shape).detach().to(torch.float32)
-        elif isinstance(generator, (list, tuple)):
+        elif isinstance(check_generator(generator), (list, tuple)):
             if len(generator) != shape[0]:
                 raise ValueError(f"generator: got {len(generator)} generators for a batch of {shape[0]}")
-            for g in generator:
-                check_generator(g)
             noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32, device=g.device)
                                .cpu() for g in generator])
         else:
-            check_generator(generator)
             dev = generator.device if generator is not None else "cpu"
             noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=dev).cpu()
         return noise.to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -503,11 +492,7 @@ class MelFusion:
         req = self.check_inputs(image, text, num_inference_steps, guidance_scale, image_guidance_scale, seconds,
                                 num_samples, image_steps, negative_text)
         callback_on_step_end = check_callback(callback_on_step_end)
-        if isinstance(generator, (list, tuple)):
-            for g in generator:
-                check_generator(g)
-        elif generator is not None:
-            check_generator(generator)
+        check_generator(generator)  # before any work
         seed = check_seed(seed)
         if generator is None and seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -622,10 +607,12 @@ _positive_int = positive_int  # the shared check (melfusion.checks), under the n
 
 
 def check_generator(generator: Any) -> Any:
-    """``generator`` if it is a ``torch.Generator`` (or None); a ``ValueError`` naming ``generator`` otherwise."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator: expected a torch.Generator or a list of them (one per clip), got "
-                         f"{type(generator).__name__}")
+    """``generator`` if it is a ``torch.Generator``, a list or tuple of them, or None; a ``ValueError`` naming
+    ``generator`` otherwise."""
+    for g in generator if isinstance(generator, (list, tuple)) else [generator]:
+        if g is not None and not isinstance(g, torch.Generator):
+            raise ValueError(f"generator: expected a torch.Generator or a list of them (one per clip), got "
+                             f"{type(g).__name__}")
     return generator
 
 

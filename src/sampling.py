@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checks import positive_int
-from .schedules import NoiseSchedule, snr_to_timesteps, step_snr
+from .schedules import NoiseSchedule, same_ddpm_schedule, snr_to_timesteps, step_snr
 
 __all__ = ["make_scheduler", "noise_schedule", "image_timesteps", "cap_timesteps", "music_to_image_timesteps",
            "denoise", "StepCallback"]
@@ -81,7 +81,7 @@ def cap_timesteps(timesteps: Sequence[int], cap: int | None) -> list[int]:
 
 def music_to_image_timesteps(music: NoiseSchedule, scheduler: Any, image: NoiseSchedule) -> list[int]:
     """The image timestep of equal SNR to each of ``scheduler.timesteps`` (see the module doc)."""
-    if music.family == "ddpm" and image.family == "ddpm" and dict(music.params) == dict(image.params):
+    if same_ddpm_schedule(music, image):
         return [int(t) for t in torch.as_tensor(scheduler.timesteps).reshape(-1).tolist()]  # the same schedule
     return snr_to_timesteps(step_snr(music, scheduler), image.alphas_cumprod()).tolist()
 

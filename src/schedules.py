@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["NoiseSchedule", "FAMILIES", "SCHEDULER_NAMES", "snr_to_timesteps", "step_snr", "ddpm_alphas_cumprod"]
+__all__ = ["NoiseSchedule", "FAMILIES", "SCHEDULER_NAMES", "snr_to_timesteps", "step_snr", "ddpm_alphas_cumprod",
+           "same_ddpm_schedule"]
 
 FAMILIES = ("ddpm", "edm", "flow")
 #: how an edm-family model sees its noise level (see NoiseSchedule.edm)
@@ -47,9 +48,8 @@ SCHEDULER_NAMES: dict[str, dict[str, str]] = {
     "flow": {"flow_euler": "FlowMatchEulerDiscreteScheduler", "flow_heun": "FlowMatchHeunDiscreteScheduler"},
 }
 
-# scheduler classes whose config carries betas (the ddpm family) or sigmas (edm / flow)
-_DDPM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-_EDM_KEYS = ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "prediction_type", "num_train_timesteps")
+# the ddpm family's settings a scheduler's config takes
+_DDPM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
 
 
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -176,11 +176,11 @@ class NoiseSchedule:
         if required:
             raise ValueError(f"scheduler: {cls.__name__}.step needs {', '.join(required)} besides the model output, "
                              f"which plain sampling does not have; known: {', '.join(names)}")
-        accepted = set(getattr(cls, "_accepted_keys", None) or _init_keys(cls))
+        accepted = set(_init_keys(cls))
         config: dict[str, Any] = {}
         p = dict(self.params)
         if self.family == "ddpm":
-            config.update({k: p[k] for k in _DDPM_KEYS[:-1] if k in p})
+            config.update({k: p[k] for k in _DDPM_KEYS if k in p})
             config["prediction_type"] = self.prediction_type
             extra = {"DDIMScheduler": dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
                      "DDPMScheduler": dict(clip_sample=False),
@@ -241,6 +241,11 @@ class NoiseSchedule:
         a = self.alphas_cumprod()
         t = torch.as_tensor(timesteps).long().clamp(0, len(a) - 1)
         return a[t] / (1 - a[t])
+
+
+def same_ddpm_schedule(a: NoiseSchedule, b: NoiseSchedule) -> bool:
+    """Whether ``a`` and ``b`` are the same discrete-beta schedule: then the SNR map is the identity on timesteps."""
+    return a.family == b.family == "ddpm" and dict(a.params) == dict(b.params)
 
 
 def _a(family: str) -> str:

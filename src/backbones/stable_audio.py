@@ -16,7 +16,6 @@ keys before the rotary embedding, which is applied to whatever it returns.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -34,7 +33,7 @@ from torch import nn
 from ..interfaces import KVHook, LatentCodec, LayerInfo, MusicDenoiser, NoiseSchedule
 from ..registry import register
 from ..synapse.install import ProcessorSwap
-from .loading import build_model, load_state_dict_file, load_weights, resolve_config
+from .loading import build_model, load_diffusers_folder, resolve_config
 
 __all__ = [
     "StableAudioDenoiser",
@@ -77,7 +76,6 @@ TINY_STABLE_AUDIO_DIT: dict[str, Any] = {
     "cross_attention_input_dim": 32,
 }
 
-_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)(?:\.(attn1|attn2))?$")
 
 
@@ -244,11 +242,8 @@ class StableAudioDenoiser(MusicDenoiser):
         self.projection: StableAudioProjectionModel = build_model(
             StableAudioProjectionModel, projection, "denoiser.projection", tiny=TINY_PROJECTION, **kwargs
         ).requires_grad_(False)
-        self._published = {
-            name
-            for name, spec in (("transformer", transformer), ("projection", projection))
-            if spec.get("pretrained") and weights and not meta
-        }
+        self.mark_published("transformer", transformer, weights and not meta)
+        self.mark_published("projection", projection, weights and not meta)
         t, p = self.transformer.config, self.projection.config
         if (
             p.conditioning_dim != t.cross_attention_input_dim
@@ -436,9 +431,6 @@ class StableAudioDenoiser(MusicDenoiser):
     def stored_modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.transformer, "projection": self.projection}
 
-    def published_modules(self) -> set[str]:
-        return set(self._published)
-
     def save_weights(self, folder) -> str:
         folder = Path(folder)
         self.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
@@ -448,31 +440,7 @@ class StableAudioDenoiser(MusicDenoiser):
     def load_weights(self, folder) -> None:
         folder = Path(folder)
         for module, sub in ((self.transformer, "transformer"), (self.projection, "projection_model")):
-            _load_diffusers_weights(module, folder / sub, f"denoiser.{sub}")
-
-
-def _load_diffusers_weights(module: nn.Module, folder: Path, what: str) -> None:
-    """The safetensors weights diffusers' ``save_pretrained`` wrote into ``folder`` (one file or shards),
-    loaded strictly into ``module``; an ``OSError`` naming the file on any failure."""
-    file = folder / _WEIGHTS
-    index = folder / f"{_WEIGHTS}.index.json"
-    try:
-        if file.is_file():
-            state = load_state_dict_file(file, what)
-        elif index.is_file():
-            file = index
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                file = folder / shard
-                state.update(load_state_dict_file(file, what))
-        else:
-            raise OSError(f"{what}: no {_WEIGHTS!r} in {str(folder)!r}")
-        load_weights(module, state, what, repr(str(file)))
-    except OSError:
-        raise
-    except Exception as exc:  # safetensors' own errors among them
-        raise OSError(f"{what}: could not load {str(file)!r} ({type(exc).__name__}: {exc})") from exc
+            load_diffusers_folder(module, folder / sub, f"denoiser.{sub}")
 
 
 # -- the codec -----------------------------------------------------------------------------------------------
@@ -509,14 +477,11 @@ class OobleckCodec(LatentCodec):
             self.vae: AutoencoderOobleck = build_model(
                 AutoencoderOobleck, vae, "codec", weights=weights, device=device, dtype=dtype, tiny=TINY_OOBLECK
             ).requires_grad_(False)
-        self._published = {"vae"} if vae.get("pretrained") and weights and not meta else set()
+        self.mark_published("vae", vae, weights and not meta)
         self.latent_channels = int(self.vae.config.decoder_input_channels)
         self.downsample = int(self.vae.hop_length)
         self.sample_rate = int(self.vae.config.sampling_rate)
         self.audio_channels = int(self.vae.config.audio_channels)
-
-    def published_modules(self) -> set[str]:
-        return set(self._published)
 
     def latent_shape(
         self,

@@ -41,7 +41,7 @@ from torch import nn
 from ..checks import NonFiniteError, check_size, non_finite_names, positive_int
 from ..files import OutputExistsError, atomic_path
 from ..pipeline import MelFusion
-from ..schedules import edm_training_sigmas, snr_to_timesteps
+from ..schedules import edm_training_sigmas, same_ddpm_schedule, snr_to_timesteps
 from ..synapse.features import FeatureCache, tensor_digest
 from .checkpoints import (
     CHECKPOINT_PATTERN,
@@ -562,7 +562,8 @@ class Trainer:
             if batch.get("image") is None:
                 raise ValueError("data.manifest: the synapse needs an image for every row")
             # the image features at the image timestep of equal SNR (identity when both share a schedule)
-            t_img = t if family == "ddpm" and self._same_schedule() else snr_to_timesteps(snr.cpu(), self.image_alphas)
+            same = same_ddpm_schedule(self.schedule, m.feature_source.noise_schedule)
+            t_img = t if same else snr_to_timesteps(snr.cpu(), self.image_alphas)
             image_kv = self._image_kv(batch["image"], t_img, gen)
             rows = (~drop_image).to(self.device)
             t_img = t_img.to(self.device)
@@ -572,8 +573,7 @@ class Trainer:
                             image_kv, rows, timing, t_img).float()
         per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.ndim)))
         if c.min_snr_gamma is not None and family == "ddpm":
-            a = self.alphas_cumprod[t.to(self.device)].view(-1, *([1] * (latents.ndim - 1)))
-            snr = (a / (1 - a)).view(-1).float()
+            snr = snr.float()
             clipped = snr.clamp(max=c.min_snr_gamma)
             weight = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
             per_sample = per_sample * weight
@@ -699,10 +699,6 @@ class Trainer:
 
     def _lrs(self) -> dict[str, float]:
         return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
-
-    def _same_schedule(self) -> bool:
-        image = self.model.feature_source.noise_schedule
-        return image.family == "ddpm" and dict(image.params) == dict(self.schedule.params)
 
     def _noised(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
