@@ -50,12 +50,94 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load_model(args: argparse.Namespace, dtype):
+    """The model the flags name: --model (default: the shipped mini), --preset or --config."""
     from .config import MelFusionConfig
+    from .pipeline import MelFusion
+
+    if args.model or not (args.preset or args.config):
+        # no model, preset or config: the shipped mini model (docs/mini.md)
+        try:
+            return MelFusion.from_pretrained(args.model or "mini", device=args.device, dtype=dtype)
+        except ValueError as exc:
+            raise _as_flag(exc) from None
+    cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
+    print(f"note: --{'preset' if args.preset else 'config'} builds {cfg.name or 'the model'} with random or "
+          "pretrained-hub weights, as its config says; leave it out to use the shipped trained model.",
+          file=sys.stderr)
+    try:
+        return MelFusion.from_config(cfg, device=args.device, dtype=dtype)
+    except ValueError as exc:
+        raise _as_flag(exc) from None
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    if args.model:
+        return str(args.model)
+    if args.config:
+        return f"config:{args.config}"
+    return f"preset:{args.preset}" if args.preset else "mini"
+
+
+def _check_device_flag(args: argparse.Namespace) -> None:
+    if args.device is not None and str(args.device).split(":")[0] == "meta":
+        raise ValueError("--device: 'meta' holds no weights and cannot generate; `melfusion inspect` builds a "
+                         "model there")
+
+
+def _generate_manifest(args: argparse.Namespace) -> int:
+    from .batch import generate_manifest
+
+    for flag, value in (("--image", args.image), ("--text", args.text), ("--out", args.out),
+                        ("--spectrogram", args.spectrogram)):
+        if value is not None:
+            raise ValueError(f"{flag}: not used with --manifest (each row gives its image and caption; files go "
+                             "to --out-dir)")
+    if not args.out_dir:
+        raise ValueError("--out-dir: required with --manifest (the folder the generated files go to)")
+    if not Path(args.manifest).exists():
+        raise ValueError(f"--manifest: no such file or folder {args.manifest!r}")
+    _check_device_flag(args)
+    if args.device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        args.device = str(PartialState().device)  # under accelerate launch: this process's device
+    model = _load_model(args, _dtype(args.dtype))
+    try:
+        report = generate_manifest(
+            model, args.manifest, args.out_dir, batch_size=args.batch_size or 1, seed=args.seed,
+            num_samples=args.num_samples, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
+            image_steps=args.image_steps, alpha=args.alpha, format=args.manifest_format, limit=args.limit,
+            model_name=_model_name(args), overwrite=args.overwrite, progress=not args.no_progress)
+    except ValueError as exc:
+        raise _as_flag(exc) from None
+    if os.environ.get("RANK", "0") == "0":
+        print(report.summary(), file=sys.stderr if report.bad else sys.stdout)
+        if report.generations is not None:
+            print(f"provenance: {report.generations}  [{report.seconds:.1f} s]")
+    if report.bad:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"melfusion generate: {len(report.bad)} bad rows were skipped (listed above); the other rows' "
+                  "files are complete", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
     from .files import check_output
     from .images import open_image
-    from .pipeline import AUDIO_SUFFIXES, MelFusion, output_paths
+    from .pipeline import AUDIO_SUFFIXES, output_paths
 
+    if args.manifest is not None:
+        return _generate_manifest(args)
+    for flag, value in (("--image", args.image), ("--text", args.text), ("--out", args.out)):
+        if value is None:
+            raise ValueError(f"{flag}: required (or give --manifest and --out-dir to generate a whole test set)")
+    for flag, value in (("--out-dir", args.out_dir), ("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--manifest-format", args.manifest_format)):
+        if value is not None:
+            raise ValueError(f"{flag}: only with --manifest")
     image = open_image(args.image, "--image")  # fails early, before any model is built
     inputs = [args.image, args.config]
     # every output is checked before any work: a folder, a wrong suffix, an input or (without --overwrite)
@@ -67,25 +149,11 @@ def _generate(args: argparse.Namespace) -> int:
     check_output(spectrogram, "--spectrogram", overwrite=args.overwrite, inputs=inputs + [str(p) for p in outs],
                  suffixes=(".png",))
     dtype = _dtype(args.dtype)
-    if args.device is not None and str(args.device).split(":")[0] == "meta":
-        raise ValueError("--device: 'meta' holds no weights and cannot generate; `melfusion inspect` builds a "
-                         "model there")
+    _check_device_flag(args)
     start = time.perf_counter()
-    if args.model or not (args.preset or args.config):
-        # no model, preset or config: the shipped mini model (docs/mini.md)
-        try:
-            model = MelFusion.from_pretrained(args.model or "mini", device=args.device, dtype=dtype)
-        except ValueError as exc:
-            raise _as_flag(exc) from None
-    else:
-        cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
-        print(f"note: --{'preset' if args.preset else 'config'} builds {cfg.name or 'the model'} with random or "
-              "pretrained-hub weights, as its config says; leave it out to use the shipped trained model.",
-              file=sys.stderr)
-        try:
-            model = MelFusion.from_config(cfg, device=args.device, dtype=dtype)
-        except ValueError as exc:
-            raise _as_flag(exc) from None
+    model = _load_model(args, dtype)
+    if args.alpha is not None:
+        raise ValueError("--alpha: only with --manifest (in Python: model.synapse.mixer.forced(alpha))")
     if args.num_samples is None and model.config.sampling.num_samples != 1:  # the config's count: check again
         for p in output_paths(args.out, model.config.sampling.num_samples):
             check_output(p, "--out", overwrite=args.overwrite, inputs=inputs, suffixes=AUDIO_SUFFIXES)
@@ -93,7 +161,7 @@ def _generate(args: argparse.Namespace) -> int:
         out = model.generate(
             image=image, text=args.text, num_inference_steps=args.steps, guidance_scale=args.guidance,
             image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
-            num_samples=args.num_samples, seed=args.seed, image_steps=args.image_steps,
+            num_samples=args.num_samples, seed=args.seed, image_steps=args.image_steps, progress=not args.no_progress,
         )
     except ValueError as exc:
         raise _as_flag(exc) from None
@@ -151,7 +219,9 @@ class _Parser(argparse.ArgumentParser):
 #: generate's Python argument names -> its flags, so an error names what the user typed
 _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "image_guidance_scale": "--image-guidance",
           "seconds": "--seconds", "num_samples": "--num-samples", "seed": "--seed", "image_steps": "--image-steps",
-          "scheduler": "--scheduler", "device": "--device", "dtype": "--dtype", "text": "--text", "image": "--image"}
+          "scheduler": "--scheduler", "device": "--device", "dtype": "--dtype", "text": "--text", "image": "--image",
+          "batch_size": "--batch-size", "out_dir": "--out-dir", "manifest": "--manifest", "alpha": "--alpha",
+          "limit": "--limit", "num_processes": "--num-processes"}
 
 
 def _as_flag(exc: ValueError) -> ValueError:
@@ -166,10 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="melfusion", description="Music from an image and a text prompt.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate music from an image and a text")
-    g.add_argument("--image", required=True, help="image file (any PIL mode or size)")
-    g.add_argument("--text", required=True, help="text prompt")
-    g.add_argument("--out", required=True, help="output WAV path")
+    g = sub.add_parser("generate", help="generate music from an image and a text, or for every row of a manifest")
+    g.add_argument("--image", default=None, help="image file (any PIL mode or size)")
+    g.add_argument("--text", default=None, help="text prompt")
+    g.add_argument("--out", default=None, help="output WAV path")
+    g.add_argument("--manifest", default=None,
+                   help="generate one file per row of this test set instead (JSONL, CSV or folder: captions, "
+                   "img_path, optional location); resumable, see docs/generation.md")
+    g.add_argument("--out-dir", default=None, help="with --manifest: the folder for the files and generations.jsonl")
+    g.add_argument("--batch-size", type=int, default=None, help="with --manifest: rows per batch (default 1)")
+    g.add_argument("--manifest-format", default=None, choices=["jsonl", "csv", "folder"],
+                   help="with --manifest: its format (default: from the suffix)")
+    g.add_argument("--limit", type=int, default=None, help="with --manifest: only the first N rows")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="with --manifest: force every synapse weight to this value (0: text only)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="folder written by MelFusion.save_pretrained, a shipped model name, or a "
                      "hub id when online (default: the shipped 'mini' model)")
@@ -211,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     isrc.add_argument("--preset", default="paper")
     isrc.add_argument("--config", help="config file (.json or .yaml)")
     i.set_defaults(func=_inspect)
+
+    from .datasets.tools import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

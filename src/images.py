@@ -109,8 +109,30 @@ def _one(image: Any, name: str) -> torch.Tensor:
     raise ValueError(f"{name}: expected a path, a PIL image or a float tensor in [0, 1], got {type(image).__name__}")
 
 
-def load_images(images: Any, name: str = "image") -> torch.Tensor:
-    """``(batch, 3, H, W)`` in [0, 1] from one image or a list (all are resized to the first one's size)."""
+def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """One ``(3, H, W)`` image in [0, 1] -> ``(3, size, size)``: bicubic with antialiasing, clamped to [0, 1]
+    (what the image LDMs' ``encode`` does to a batch; done per image, a row never depends on its batch)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return torch.nn.functional.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False,
+                                           antialias=True).clamp(0, 1)[0]
+
+
+def load_images(images: Any, name: str = "image", size: int | None = None) -> torch.Tensor:
+    """``(batch, 3, H, W)`` in [0, 1] from one image or a list.
+
+    With ``size``, each image is resized to ``size x size`` on its own (:func:`resize_image`); without it, the
+    images of a list are resized to the first one's size."""
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: expected a positive int or None, got {size!r}")
+        many = (isinstance(images, torch.Tensor) and images.ndim == 4) or (
+            isinstance(images, Sequence) and not isinstance(images, (str, bytes)))
+        items = list(images) if many else [images]
+        if not items:
+            raise ValueError(f"{name}: empty list")
+        return torch.stack([resize_image(_one(x, f"{name}[{i}]" if many else name), size)
+                            for i, x in enumerate(items)])
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return torch.cat([_one(x, f"{name}[{i}]")[None] for i, x in enumerate(images)])
     if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):

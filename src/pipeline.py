@@ -55,6 +55,7 @@ from .sampling import (
     noise_schedule,
 )
 from .synapse.features import FeatureCache, FeatureStore
+from .synapse.injection import injection_points
 from .synapse.processors import SynapseHook
 from .synapse.wiring import Synapse, pair_layers
 
@@ -223,6 +224,7 @@ class MelFusion:
         syn = config.synapse
         image_names = list(syn.image_layers or [info.name for info in feature_source.layers])
         music_names = list(syn.music_layers or [info.name for info in denoiser.layers])
+        image_names, music_names = injection_points(syn, image_names, music_names)  # kv: as they are
         # the feature source must capture exactly the layers the synapse reads (e.g. encoder taps): before
         # this it kept its default decoder layers and the synapse found none of its own, a silent no-op
         feature_source.select_layers(image_names)
@@ -402,7 +404,8 @@ class MelFusion:
     def prepare_image_features(self, image: Any, scheduler: Any, request: _Request, text_tokens: int,
                                latent_shape: Sequence[int]) -> tuple[FeatureCache, list[int], int]:
         """The aligned image features for every step: ``(cache, image timestep of each step, images)``."""
-        images = load_images(image, "image").to(self.device)
+        # each image resized on its own to the feature source's input size: a row never depends on its batch
+        images = load_images(image, "image", size=getattr(self.feature_source, "resolution", None)).to(self.device)
         if images.shape[0] not in (1, len(request.texts)):
             raise ValueError(f"image: got {images.shape[0]} images for {len(request.texts)} texts; "
                              f"give 1 or one per text")

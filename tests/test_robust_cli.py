@@ -341,7 +341,7 @@ def test_generate_checks_image_steps_and_negative_text_types(tiny_model):
 def test_argparse_errors_are_one_line(capsys):
     for argv, needle in ((["generate", "--image", "a.png", "--text", "x", "--out", "o.wav", "--steps", "1.5"],
                           "argument --steps: invalid int value: '1.5'"),
-                         (["generate", "--text", "x"], "the following arguments are required: --image"),
+                         (["generate", "--text", "x"], "--image: required"),
                          (["nonsense"], "invalid choice")):
         assert main(argv) == 2
         err = capsys.readouterr().err

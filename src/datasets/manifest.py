@@ -60,7 +60,7 @@ class Triplet:
 
     row: int
     caption: str
-    audio: Path
+    audio: Path | None  # None only in a manifest read with require_audio=False (a test set to generate)
     image: Path | None
 
 
@@ -90,12 +90,15 @@ class ManifestRows(list):
 
 
 def read_manifest(path: str | Path, *, format: str | None = None,
-                  columns: dict[str, str] | None = None) -> ManifestRows:
+                  columns: dict[str, str] | None = None, require_audio: bool = True) -> ManifestRows:
     """The triplets of a manifest, with paths made absolute against the manifest's folder.
 
     ``format`` is "jsonl", "csv" or "folder"; None infers it (.jsonl/.json, .csv, a directory).
     ``columns`` renames the fields (keys "caption", "audio", "image"; defaults captions/location/img_path).
     Unparseable rows are kept as ``problems`` on the result (see :class:`ManifestRows`), not raised.
+    ``require_audio=False`` reads a test set to generate from: the audio field (the reference) may be
+    absent (``Triplet.audio`` None), and a folder without audio files gives one row per image that has a
+    ``name.txt`` caption beside it.
     """
     path = Path(path)
     if not path.exists():
@@ -110,7 +113,7 @@ def read_manifest(path: str | Path, *, format: str | None = None,
         if not path.is_dir():
             raise ManifestError(f"manifest: format 'folder' needs a directory, {str(path)!r} is a file")
         try:
-            rows, problems = _read_folder(path)
+            rows, problems = _read_folder(path, require_audio)
         except OSError as exc:
             raise ManifestError(f"manifest: cannot list the folder {str(path)!r} ({exc.strerror or exc})") from None
     else:
@@ -119,11 +122,12 @@ def read_manifest(path: str | Path, *, format: str | None = None,
         data = _read_bytes(path)
         base = _absolute(path).parent
         if fmt == "jsonl":
-            rows, problems = _read_jsonl(data, base, names, path)
+            rows, problems = _read_jsonl(data, base, names, path, require_audio)
         else:
-            rows, problems = _read_csv(_decode(data, path), base, names, path)
+            rows, problems = _read_csv(_decode(data, path), base, names, path, require_audio)
     if not rows and not problems:
-        what = "holds no audio files (" + ", ".join(AUDIO_SUFFIXES) + ")" if fmt == "folder" else "has no rows"
+        what = ("holds no audio files (" + ", ".join(AUDIO_SUFFIXES) + ")" if require_audio
+                else "holds no image files with captions") if fmt == "folder" else "has no rows"
         raise ManifestError(f"manifest: {str(path)!r} {what}; nothing to read")
     return ManifestRows(rows, problems, source=path)
 
@@ -226,7 +230,8 @@ def _path_field(record: dict, field: str, what: str, required: bool) -> tuple[st
     return value.strip() or None, None
 
 
-def _triplet(row: int, record: dict, base: Path, names: dict[str, str]) -> tuple[Triplet | None, str | None]:
+def _triplet(row: int, record: dict, base: Path, names: dict[str, str], require_audio: bool = True
+             ) -> tuple[Triplet | None, str | None]:
     """A Triplet from one parsed record, or the reason it cannot be one (every problem, joined by '; ')."""
     problems = []
     caption = None
@@ -236,7 +241,7 @@ def _triplet(row: int, record: dict, base: Path, names: dict[str, str]) -> tuple
         caption, why = caption_text(record[names["caption"]], names["caption"])
         if why:
             problems.append(why)
-    audio, why = _path_field(record, names["audio"], "audio", required=True)
+    audio, why = _path_field(record, names["audio"], "audio", required=require_audio)
     if why:
         problems.append(why)
     image, why = _path_field(record, names["image"], "image", required=False)
@@ -247,10 +252,11 @@ def _triplet(row: int, record: dict, base: Path, names: dict[str, str]) -> tuple
             problems.insert(0, "caption is empty")
         return None, "; ".join(problems)
     image_path = _resolve(image, base) if image else None
-    return Triplet(row, caption, _resolve(audio, base), image_path), None
+    return Triplet(row, caption, _resolve(audio, base) if audio else None, image_path), None
 
 
-def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str], problems: list):
+def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str], problems: list,
+             require_audio: bool = True):
     """Triplets from ``(row, parsed record)`` pairs (JSON objects, CSV rows as dicts); rows that are not
     objects or lack fields go to ``problems``."""
     rows = []
@@ -258,7 +264,7 @@ def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str],
         if not isinstance(record, dict):
             problems.append((number, f"expected a JSON object, got {_a(record)}"))
             continue
-        triplet, problem = _triplet(number, record, base, names)
+        triplet, problem = _triplet(number, record, base, names, require_audio)
         if triplet is None:
             problems.append((number, problem))
         else:
@@ -266,11 +272,11 @@ def _records(numbered: list[tuple[int, Any]], base: Path, names: dict[str, str],
     return rows, problems
 
 
-def _read_jsonl(data: bytes, base: Path, names: dict[str, str], path: Path):
+def _read_jsonl(data: bytes, base: Path, names: dict[str, str], path: Path, require_audio: bool = True):
     """JSON lines, one record a line (split on ``\\n`` only: a JSON string may hold U+2028); a line that is
     not UTF-8 or not JSON is a problem of its row. A file starting with ``[`` is one JSON array."""
     if data.lstrip().startswith(b"["):
-        return _read_json_array(_decode(data, path), base, names, path)
+        return _read_json_array(_decode(data, path), base, names, path, require_audio)
     numbered, problems = [], []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
@@ -287,10 +293,10 @@ def _read_jsonl(data: bytes, base: Path, names: dict[str, str], path: Path):
             problems.append((number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
         except RecursionError:
             problems.append((number, "not valid JSON (nested too deeply)"))
-    return _records(numbered, base, names, problems)
+    return _records(numbered, base, names, problems, require_audio)
 
 
-def _read_json_array(text: str, base: Path, names: dict[str, str], path: Path):
+def _read_json_array(text: str, base: Path, names: dict[str, str], path: Path, require_audio: bool = True):
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -300,10 +306,10 @@ def _read_json_array(text: str, base: Path, names: dict[str, str], path: Path):
         raise ManifestError(f"manifest: {str(path)!r} is not valid JSON (nested too deeply)") from None
     if not isinstance(records, list):
         raise ManifestError(f"manifest: {str(path)!r} starts with '[' but is not one JSON array")
-    return _records(list(enumerate(records, start=1)), base, names, [])
+    return _records(list(enumerate(records, start=1)), base, names, [], require_audio)
 
 
-def _read_csv(text: str, base: Path, names: dict[str, str], path: Path):
+def _read_csv(text: str, base: Path, names: dict[str, str], path: Path, require_audio: bool = True):
     reader = csv.reader(io.StringIO(text, newline=""))  # lines end at \n, \r\n or \r only, as CSV's do
     try:
         header = next(reader)
@@ -312,7 +318,7 @@ def _read_csv(text: str, base: Path, names: dict[str, str], path: Path):
     except csv.Error as exc:
         raise ManifestError(f"manifest: cannot parse the header of {str(path)!r} ({exc})") from None
     header = [h.strip() for h in header]
-    missing = [names[k] for k in ("caption", "audio") if names[k] not in header]
+    missing = [names[k] for k in (("caption", "audio") if require_audio else ("caption",)) if names[k] not in header]
     if missing:
         raise ManifestError(f"manifest: {str(path)!r} has no column {' or '.join(map(repr, missing))} "
                             f"(its header is {header}); pass columns={{'caption': ..., 'audio': ...}}")
@@ -334,17 +340,19 @@ def _read_csv(text: str, base: Path, names: dict[str, str], path: Path):
             problems.append((number, f"has {len(record)} fields, the header has {len(header)}"))
             continue
         values = dict(zip(header, record, strict=True))
-        if names["image"] in values and not values[names["image"]].strip():
-            values[names["image"]] = None
+        for key in ("image",) if require_audio else ("image", "audio"):
+            if names[key] in values and not values[names[key]].strip():
+                values[names[key]] = None
         numbered.append((number, values))
-    return _records(numbered, base, names, problems)
+    return _records(numbered, base, names, problems, require_audio)
 
 
-def _read_folder(folder: Path):
+def _read_folder(folder: Path, require_audio: bool = True):
     """``name.wav`` (or .flac/.ogg/.mp3) + ``name.txt`` + ``name.jpg/.jpeg/.png``, not recursive.
 
     A folder with no image files at all is an audio-text dataset (every ``image`` is None); otherwise an
-    audio file without its caption or image file is a bad row.
+    audio file without its caption or image file is a bad row. With ``require_audio=False``, a folder
+    holding no audio file at all is a test set: one row per image file (``name.png`` + ``name.txt``).
     """
     base = _absolute(folder)
     files = sorted(p for p in base.iterdir() if p.is_file())
@@ -353,6 +361,8 @@ def _read_folder(folder: Path):
         by_stem.setdefault(p.stem, {})[p.suffix.lower()] = p
     has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in files)
     audio_files = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+    if not audio_files and not require_audio:
+        return _read_image_folder(files, by_stem)
     rows, problems = [], []
     for number, audio in enumerate(audio_files, start=1):
         siblings = by_stem[audio.stem]
@@ -373,6 +383,29 @@ def _read_folder(folder: Path):
             problems.append((number, "; ".join(reasons)))
         else:
             rows.append(Triplet(number, caption, audio, image))
+    return rows, problems
+
+
+def _read_image_folder(files: list[Path], by_stem: dict[str, dict[str, Path]]):
+    """Rows of a folder of ``name.png`` + ``name.txt`` (no audio): numbered by sorted image-file name."""
+    rows, problems = [], []
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    seen: set[str] = set()
+    for number, image in enumerate(images, start=1):
+        if image.stem in seen:  # a.png and a.jpg: one row, its first image by IMAGE_SUFFIXES order
+            continue
+        seen.add(image.stem)
+        image = next(by_stem[image.stem][s] for s in IMAGE_SUFFIXES if s in by_stem[image.stem])
+        text_file = by_stem[image.stem].get(".txt")
+        if text_file is None:
+            problems.append((number, f"no caption file {image.stem + '.txt'!r} for {image.name!r}"))
+            continue
+        try:
+            caption = text_file.read_text(encoding="utf-8-sig").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append((number, f"cannot read caption file {str(text_file)!r} ({exc})"))
+            continue
+        rows.append(Triplet(number, caption, None, image))
     return rows, problems
 
 
@@ -486,7 +519,7 @@ def _row_problems(t: Triplet, require_image: bool, check_audio_files: bool, chec
         reasons.append(f"caption is {_a(t.caption)}, not a string")
     elif not t.caption.strip():
         reasons.append("caption is empty")
-    if check_audio_files:
+    if check_audio_files and t.audio is not None:  # None: a test-set row without a reference
         try:
             problem = check_audio(t.audio, max_seconds=max_seconds)
         except _ROW_ERRORS as exc:

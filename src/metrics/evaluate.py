@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batch import settings_key
 from ..checks import NonFiniteError, check_finite_params
 from ..files import OutputExistsError, check_output, same_file, write_atomic
 from .audio import RESAMPLER, file_sha256, list_audio_files, load_audio, overlapping_files
@@ -26,11 +27,11 @@ from .cache import EmbeddingCache, cache_key, default_cache_dir
 from .embedders import DEFAULT_CLAP, DEFAULT_CLIP, load_embedder
 from .frechet import fit_frechet_distance_inf, frechet_distance
 from .kl import KL_DIRECTION, KL_VARIANTS, kl_divergence, pair_by_stem
-from .manifest import match_manifest, read_manifest
+from .manifest import ManifestRow, match_manifest, read_manifest
 from .similarity import IMSM_MODES, clap_score, cosine_similarity, imsm
 
 __all__ = ["METRICS", "evaluate", "embed_files", "format_table", "write_json", "add_evaluate_arguments",
-           "run_evaluate"]
+           "run_evaluate", "protocol_record", "protocol_differences", "generation_records", "pair_by_records"]
 
 METRICS = ("fad", "fd", "kl", "imsm", "clap")
 _NEEDS_REFERENCE = ("fad", "fd", "kl")
@@ -140,8 +141,75 @@ def _embedder(value: Any, name: str, what: str, device: str, **options: Any) -> 
 
 
 def _describe(embedder: Any) -> dict[str, Any]:
-    return {"source": getattr(embedder, "source", None), "identity": embedder.identity(),
-            "sample_rate": getattr(embedder, "sample_rate", None)}
+    source = getattr(embedder, "source", None)
+    return {"source": source, "identity": embedder.identity(),
+            "sample_rate": getattr(embedder, "sample_rate", None), "weight_files": weight_file_hashes(source)}
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".npz")
+
+
+def weight_file_hashes(source: Any) -> dict[str, str] | None:
+    """sha256 of the weight files behind an embedder's ``source``: the file itself, or the weight files of a
+    folder (by name); None for a hub id that is not a local path (its ``identity`` still hashes the weights)."""
+    from ..batch import sha256_file
+
+    if source is None:
+        return None
+    path = Path(str(source).split(":")[0] if not Path(str(source)).exists() else str(source)).expanduser()
+    if path.is_file():
+        return {path.name: sha256_file(path)}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)[:64]
+        return {str(p.relative_to(path)): sha256_file(p) for p in files}
+    return None
+
+
+#: how each embedder sees a file (nothing is cropped or padded by evaluate itself)
+_FRAMING = {"vggish": "0.96 s non-overlapping examples of each whole file (a partial last example dropped)",
+            "panns": "each whole file, one clip", "clap": "each whole file (the model's own windowing)",
+            "clip": "each image, the model's own resize and crop"}
+
+
+def protocol_record(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two ``evaluate`` results comparable: the embedders (source, weight hashes, identity, rate),
+    the resampler and channel mix, how files are framed, the number of files and the metric variants, and the
+    generation settings when the generated folder records them. Compare two with :func:`protocol_differences`."""
+    from .. import __version__
+
+    metrics = {}
+    for name, m in result.get("metrics", {}).items():
+        metrics[name] = {k: m[k] for k in ("embedder", "variant", "direction", "mode", "n_generated",
+                                            "n_reference", "pairs", "sizes") if k in m}
+    gen = result.get("generation") or {}
+    return {
+        "melfusion_version": __version__,
+        "metrics": metrics,
+        "embedders": {name: {k: e.get(k) for k in ("source", "weight_files", "identity", "sample_rate")}
+                      for name, e in result.get("embedders", {}).items()},
+        "audio": {"resampler": RESAMPLER, "channels": "mono: the mean of the channels",
+                  "crop_or_pad": "none: each file is used whole",
+                  "framing": {k: v for k, v in _FRAMING.items() if k in result.get("embedders", {})}},
+        "files": dict(result.get("files", {})),
+        "settings": dict(result.get("settings", {})),
+        "generation": {"settings": gen.get("settings"), "model": gen.get("model")} if gen else None,
+    }
+
+
+def protocol_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every leaf that differs between two protocol records (or two results: their ``protocol``), as
+    ``"path: a -> b"`` lines; empty when the two numbers were computed the same way on as many files."""
+    if not prefix:  # two results, two protocols, or one of each
+        a, b = a.get("protocol", a), b.get("protocol", b)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        where = f"{prefix}{key}"
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out.extend(protocol_differences(x, y, where + "."))
+        elif x != y:
+            out.append(f"{where}: {x!r} -> {y!r}")
+    return out
 
 
 def evaluate(
@@ -165,6 +233,7 @@ def evaluate(
     kl_variant: str = "softmax",
     imsm_mode: str = "paper",
     seed: int = 0,
+    allow_mixed_settings: bool = False,
 ) -> dict[str, Any]:
     """Compute ``metrics`` for the audio files in ``generated`` against ``reference``.
 
@@ -181,6 +250,16 @@ def evaluate(
             ``~/.cache/melfusion/embeddings``); ``cache=False`` turns caching off.
         fad_inf: also report FAD extrapolated to infinitely many generated frames.
         kl_variant: ``"softmax"`` or ``"sigmoid"``; imsm_mode: ``"paper"`` or ``"released"``.
+        allow_mixed_settings: compare files made with different generation settings or models (refused
+            otherwise; see below).
+
+    A generated folder written by :func:`melfusion.batch.generate_manifest` holds ``generations.jsonl``: then
+    every file must have its record (and the hash it records), KL pairs each file with the reference clip its
+    record names (so ``ROW_k.wav`` samples and ``clip__image.wav`` rows pair too), IMSM and CLAP take each
+    file's caption and image from its record when no ``manifest`` is given, and files made with different
+    settings or model weights (in the folder, or between the folder and a generated ``reference`` folder) are
+    a ``ValueError`` unless ``allow_mixed_settings``. The result's ``protocol`` records what makes two
+    results comparable (:func:`protocol_record`).
 
     The generated and reference sets never overlap (:func:`input_files`): the same folder for both is a
     ``ValueError``, and a folder nested in the other is left out of the other's listing. The embedding
@@ -201,14 +280,22 @@ def evaluate(
     if needs_ref and reference is None:
         raise ValueError(f"reference: the metrics {', '.join(needs_ref)} need a reference directory")
     gen_files, ref_files = input_files(generated, reference, needs_reference=bool(needs_ref))
-    pairs = pair_by_stem(gen_files, ref_files) if "kl" in names else None
+    records = generation_records(generated, gen_files, reference, allow_mixed_settings)
+    if "kl" in names:
+        pairs = pair_by_records(gen_files, ref_files, records) if records else pair_by_stem(gen_files, ref_files)
+    else:
+        pairs = None
     rows = None
     needs_manifest = [m for m in names if m in _NEEDS_MANIFEST]
     if needs_manifest:
-        if manifest is None:
+        if manifest is None and records:
+            rows = rows_from_records(gen_files, records, need_images="imsm" in names)
+        elif manifest is None:
             raise ValueError(f"manifest: the metrics {', '.join(needs_manifest)} need a manifest (JSON lines with "
-                             "'captions', 'location' and, for imsm, 'img_path')")
-        rows = match_manifest(gen_files, read_manifest(manifest), need_images="imsm" in names)
+                             "'captions', 'location' and, for imsm, 'img_path'), or a generated folder with "
+                             "generations.jsonl (melfusion generate --manifest)")
+        else:
+            rows = match_manifest(gen_files, read_manifest(manifest), need_images="imsm" in names)
 
     store = None
     if cache:
@@ -294,8 +381,106 @@ def evaluate(
 
     if store is not None:
         result["cache"] = {"dir": str(store.root), "hits": store.hits, "misses": store.misses}
+    if records:
+        first = next(iter(records.values()))
+        result["generation"] = {"records": len(records), "settings": first.get("settings"),
+                                "model": first.get("model"), "melfusion_version": first.get("melfusion_version"),
+                                "mixed_settings": len({settings_key(r) for r in records.values()}) > 1}
+    result["protocol"] = protocol_record(result)
     _no_nan(result["metrics"], "metrics")
     return result
+
+
+def generation_records(generated: str | os.PathLike, gen_files: Sequence[Path], reference: Any = None,
+                       allow_mixed_settings: bool = False) -> dict[Path, dict] | None:
+    """Each generated file's provenance record (``generations.jsonl``), or None for a folder without one.
+
+    A file without a record, a record whose file is gone or whose hash differs, and (unless
+    ``allow_mixed_settings``) records of different settings or model weights, are ``ValueError`` s.
+    """
+    from ..batch import read_generations, settings_key, sha256_file
+
+    root = Path(generated)
+    if not root.is_dir():
+        return None
+    listed = read_generations(root)
+    if listed is None:
+        return None
+    by_file: dict[Path, dict] = {}
+    for record in listed:
+        by_file[(root / record["file"]).resolve()] = record
+    found = {p.resolve(): p for p in gen_files}
+    orphans = [str(p) for r, p in found.items() if r not in by_file]
+    if orphans:
+        raise ValueError(f"generated: {_few(orphans)} {'is' if len(orphans) == 1 else 'are'} not in "
+                         f"{str(root / 'generations.jsonl')!r} (not made by this generation run); move "
+                         f"{'it' if len(orphans) == 1 else 'them'} out of the folder")
+    gone = [r["file"] for p, r in by_file.items() if p not in found]
+    if gone:
+        raise ValueError(f"generated: generations.jsonl lists files that are missing: {_few(gone)}")
+    changed = [str(found[p]) for p, r in by_file.items() if sha256_file(found[p]) != r.get("audio_sha256")]
+    if changed:
+        raise ValueError(f"generated: {_few(changed)} differ from the hash generations.jsonl records (changed "
+                         "after generation?)")
+    keys = {settings_key(r) for r in by_file.values()}
+    if len(keys) > 1 and not allow_mixed_settings:
+        raise ValueError(f"generated: the files were made with {len(keys)} different settings or models "
+                         "(generations.jsonl); evaluate one set at a time, or pass allow_mixed_settings=True / "
+                         "--allow-mixed-settings")
+    if reference is not None and Path(reference).is_dir() and not allow_mixed_settings:
+        other = read_generations(reference)
+        if other:
+            theirs = {settings_key(r) for r in other}
+            if theirs != keys:
+                raise ValueError("reference: a generated set made with other settings or another model than "
+                                 "--generated (both have generations.jsonl); pass allow_mixed_settings=True / "
+                                 "--allow-mixed-settings to compare them anyway")
+    return {found[p]: r for p, r in by_file.items()}
+
+
+def _few(items: Sequence[str], k: int = 5) -> str:
+    return ", ".join(items[:k]) + (f" ... ({len(items)} in all)" if len(items) > k else "")
+
+
+def pair_by_records(gen_files: Sequence[Path], ref_files: Sequence[Path], records: dict[Path, dict]
+                    ) -> list[tuple[str, Path, Path]]:
+    """``(file name, generated, reference)``: each generated file with the reference clip its record names
+    (by path when that file is among the reference files, else by its stem); a ``ValueError`` lists the rest."""
+    by_path = {p.resolve(): p for p in ref_files}
+    by_stem: dict[str, list[Path]] = {}
+    for p in ref_files:
+        by_stem.setdefault(p.stem, []).append(p)
+    pairs, missing = [], []
+    for g in gen_files:
+        ref = records[g].get("reference")
+        match = None
+        if ref:
+            match = by_path.get(Path(ref).resolve())
+            if match is None and len(by_stem.get(Path(ref).stem, [])) == 1:
+                match = by_stem[Path(ref).stem][0]
+        if match is None:
+            missing.append(f"{g.name} (reference {ref!r})" if ref else f"{g.name} (its row has no reference)")
+        else:
+            pairs.append((g.name, g, match))
+    if missing:
+        raise ValueError(f"KL pairs each generated file with the reference its generations.jsonl record names, "
+                         f"but these have none among the reference files: {_few(missing)}")
+    return sorted(pairs)
+
+
+def rows_from_records(gen_files: Sequence[Path], records: dict[Path, dict], need_images: bool = False
+                      ) -> list[ManifestRow]:
+    """The caption and image of each generated file from its record (the manifest row's caption, even when the
+    run replaced the text, e.g. image only)."""
+    rows = []
+    for g in gen_files:
+        r = records[g]
+        image = Path(r["image"]) if r.get("image") else None
+        if need_images and (image is None or not image.is_file()):
+            raise ValueError(f"generated: IMSM needs each file's image; {g.name}'s record names "
+                             f"{r.get('image')!r}, which is not a file")
+        rows.append(ManifestRow(g.stem, r["caption"], Path(r["reference"]) if r.get("reference") else g, image))
+    return rows
 
 
 def format_table(result: Mapping[str, Any]) -> str:
@@ -359,6 +544,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imsm-mode", choices=IMSM_MODES, default="paper",
                         help="paper: S_IT @ S_AT^T; released: the authors' script (softmaxes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of FAD-inf's subsets")
+    parser.add_argument("--allow-mixed-settings", action="store_true",
+                        help="compare files whose generations.jsonl records differ in settings or model")
+    parser.add_argument("--compare-protocol", default=None, metavar="RESULTS.json",
+                        help="list how this evaluation's protocol differs from an earlier result's")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -385,16 +574,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """
     overwrite = bool(getattr(args, "overwrite", False))
     inputs = _local_inputs(args) if args.out else []
+    earlier = _read_results(args.compare_protocol) if args.compare_protocol else None
+    if args.compare_protocol:
+        inputs.append(Path(args.compare_protocol))
+    protocol_path = None
     if args.out:
         check_output(args.out, "--out", overwrite=overwrite, inputs=inputs, suffixes=(".json",))
+        protocol_path = Path(args.out).with_suffix(".protocol.json")
+        check_output(protocol_path, "--out", overwrite=overwrite, inputs=inputs, suffixes=(".json",))
     result = evaluate(
         args.generated, args.reference, metrics=args.metrics, manifest=args.manifest,
         vggish=args.vggish, panns=args.panns, clap=args.clap, clip=args.clip,
         vggish_pca_params=args.vggish_pca, vggish_postprocess=args.vggish_pca is not None,
         cache_dir=args.cache_dir, cache=not args.no_cache, device=args.device, progress=not args.no_progress,
         fad_inf=args.fad_inf, kl_variant=args.kl_variant, imsm_mode=args.imsm_mode, seed=args.seed,
+        allow_mixed_settings=args.allow_mixed_settings,
     )
     print(format_table(result))
+    if args.compare_protocol:
+        diffs = protocol_differences(earlier, result)
+        print(f"protocol: the same as {args.compare_protocol}" if not diffs else
+              f"protocol: {len(diffs)} differences from {args.compare_protocol} (the numbers are not comparable "
+              "where they matter):\n" + "\n".join(f"  {d}" for d in diffs))
     for message in result["warnings"]:
         print(f"warning: {message}", file=sys.stderr)
     if args.out:
@@ -402,5 +603,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
             path = write_json(result, args.out, overwrite=overwrite, inputs=inputs, name="--out")
         except OutputExistsError as exc:  # it appeared while the metrics were computed
             raise OutputExistsError(f"{exc} (it appeared during the run; the results above were not saved)") from None
-        print(f"wrote {path}")
+        write_json(result["protocol"], protocol_path, overwrite=overwrite, inputs=inputs, name="--out")
+        print(f"wrote {path} and its protocol record {protocol_path}")
     return 0
+
+
+def _read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """An earlier results or protocol JSON (``--compare-protocol``); a ``ValueError`` naming it otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"--compare-protocol: cannot read {str(path)!r} as JSON ({exc})") from None
+    if not isinstance(data, dict) or not ("protocol" in data or "embedders" in data):
+        raise ValueError(f"--compare-protocol: {str(path)!r} is not a melfusion evaluate result or protocol")
+    return data

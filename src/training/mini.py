@@ -153,7 +153,7 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
         source = MelFusion.from_pretrained(image_from)
         copy_image_model(fs, source.feature_source)
     else:
-        images = load_images(_image_paths(train_manifest), fs.resolution)
+        images = load_images(_image_paths(train_manifest), size=fs.resolution)
         losses["image_vae"] = train_image_vae(fs, images, steps=recipe.image_vae_steps, seed=recipe.seed,
                                               progress=progress)
         latents = torch.cat([fs.encode(images[i: i + 64]) for i in range(0, len(images), 64)])
