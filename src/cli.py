@@ -287,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(e)
     e.set_defaults(func=run_evaluate)
 
+    b = sub.add_parser("benchmark", help="the paper's conditioning ablation (text + image / text only / image only) "
+                       "on a test set: generate, score, print the table (docs/evaluation.md)")
+    from .benchmark import add_benchmark_arguments, run_benchmark_cli
+
+    add_benchmark_arguments(b)
+    b.set_defaults(func=run_benchmark_cli)
+
     i = sub.add_parser("inspect", help="print the synapse wiring of a preset (built on the meta device)")
     isrc = i.add_mutually_exclusive_group()
     isrc.add_argument("--preset", default="paper")

@@ -574,7 +574,7 @@ def _rebased(value: str, resolved: Path, base: Path, new_base: Path) -> str:
 def add_data_parser(sub) -> None:
     """Add ``melfusion data check`` and ``melfusion data split`` to the CLI's subparsers ``sub``."""
     d = sub.add_parser("data", help="check a manifest, or split it into train/val/test (docs/datasets.md)")
-    dsub = d.add_subparsers(dest="data_command", required=True, metavar="{check,split}")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="{check,split,synthetic}")
     formats = ["jsonl", "csv", "folder"]
 
     c = dsub.add_parser("check", help="validate every row; print counts, durations, rates, sizes, bad rows")
@@ -600,6 +600,26 @@ def add_data_parser(sub) -> None:
     s.add_argument("--no-audio", action="store_true", help="a test set: rows may have no audio")
     s.add_argument("--overwrite", action="store_true", help="replace existing split files (never the input)")
     s.set_defaults(func=_run_split)
+
+    y = dsub.add_parser("synthetic", help="write a synthetic-world test set (docs/mini.md): pictures, captions, clips")
+    y.add_argument("folder", help="a new or empty folder for manifest.jsonl, images/ and audio/")
+    y.add_argument("--rows", type=int, default=96, help="rows (default 96: each attribute combination twice)")
+    y.add_argument("--seed", type=int, default=1000, help="default 1000: the mini recipe's held-out seed")
+    y.add_argument("--start", type=int, default=100_000, help="first item number (default: the held-out items)")
+    y.set_defaults(func=_run_synthetic)
+
+
+def _run_synthetic(args) -> int:
+    from .synthetic import write_synthetic_manifest
+
+    folder = Path(args.folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ValueError(f"folder: {str(folder)!r} exists and is not an empty folder; give a new one")
+    if args.rows < 1:
+        raise ValueError(f"--rows: expected a positive number, got {args.rows}")
+    path = write_synthetic_manifest(folder, n=args.rows, seed=args.seed, start=args.start)
+    print(f"wrote {path} ({args.rows} rows)")
+    return 0
 
 
 def _run_check(args) -> int:

@@ -167,7 +167,8 @@ def weight_file_hashes(source: Any) -> dict[str, str] | None:
 
 #: how each embedder sees a file (nothing is cropped or padded by evaluate itself)
 _FRAMING = {"vggish": "0.96 s non-overlapping examples of each whole file (a partial last example dropped)",
-            "panns": "each whole file, one clip", "clap": "each whole file (the model's own windowing)",
+            "panns": "each whole file, one clip",
+            "clap": "each whole file: consecutive windows of at most 10 s, length-weighted mean (no random crop)",
             "clip": "each image, the model's own resize and crop"}
 
 
