@@ -8,8 +8,10 @@ names the field. Presets:
 - ``tiny``: tiny random components, for tests and the CPU demo;
 - ``paper``: SD 2.1 image UNet + Tango music UNet, convex per-layer alphas on
   the 9 decoder layers, the paper's sampling settings;
-- ``reference``: the same backbones with the released code's choices
-  (bounded mixer ``(2 sigmoid(a) - 1) / 5``, no image inversion);
+- ``reference``: the same backbones with the released code's choices (the
+  image UNet's cross-attention outputs mixed into the text context before the
+  key/value projections, ``injection: context``, with the bounded weight
+  ``(2 sigmoid(a) - 1) / 5``; no image inversion);
 - ``audioldm``: SD 2.1 image UNet + AudioLDM-S music UNet with its CLAP text
   encoder; a ``linear`` aligner resizes image token grids onto the music
   grids and projects the channels; AudioLDM's guidance 2.5.
@@ -183,6 +185,13 @@ class SynapseConfig(_Strict):
 
     ``image_layers``/``music_layers`` default to every decoder transformer
     layer (``up_blocks.i.attentions.j``) of each UNet, paired in order.
+
+    ``injection`` says where the image enters a music layer (melfusion.synapse.injection): ``kv`` (the paper)
+    mixes the image self-attention keys/values into the music cross-attention keys/values; ``context`` (the
+    authors' released code) mixes the output of each image layer's ``image_attention`` into the text context
+    of each music layer's ``music_attention``, before its key/value projections. With ``context`` the layer
+    names become the views ``<layer>.<attention>:output`` and ``<layer>.<attention>:context``; the aligner
+    maps the image output onto the context's tokens and width (``pool`` with ``pool_channels``, or ``linear``).
     """
 
     enabled: bool = True
@@ -190,8 +199,11 @@ class SynapseConfig(_Strict):
     aligner: AlignerConfig = Field(default_factory=AlignerConfig)
     image_layers: list[str] | None = None
     music_layers: list[str] | None = None
+    # the attentions a ``context`` injection taps (image side) and mixes into (music side); ``kv`` always takes
+    # the feature source's self-attention keys/values and the denoiser's own attention
     image_attention: Literal["attn1", "attn2"] = "attn1"
     music_attention: Literal["attn1", "attn2"] = "attn2"
+    injection: Literal["kv", "context"] = "kv"
     # how image taps pair with music layers: "auto" (one to one when the counts match, else by relative
     # depth), "order" or "depth" (melfusion.synapse.pair_layers); ``pairs`` lists [image, music] pairs instead
     pairing: Literal["auto", "order", "depth"] = "auto"
@@ -223,6 +235,18 @@ class SynapseConfig(_Strict):
         if repeated:
             raise ValueError(f"names {repeated} appear more than once")
         return value
+
+    @model_validator(mode="after")
+    def _views_fit_the_injection(self) -> SynapseConfig:
+        from .synapse.injection import check_points
+
+        check_points(self.injection, self.image_layers, self.music_layers)
+        if self.pairs:  # [image, music] names: the same rule, reported under ``pairs``
+            try:
+                check_points(self.injection, [p[0] for p in self.pairs], [p[1] for p in self.pairs])
+            except ValueError as exc:
+                raise ValueError(f"pairs: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _same_count(self) -> SynapseConfig:
@@ -485,12 +509,18 @@ def _paper() -> dict[str, Any]:
 
 
 def _reference() -> dict[str, Any]:
+    # the authors' released code (github.com/schowdhury671/melfusion, docs/extending.md): each SD decoder layer's
+    # cross-attention output, adaptively average-pooled onto the text context's tokens and width, is mixed into
+    # the Tango layer's text context before to_k/to_v with f = (2 sigmoid(a) - 1) / 5; no inversion
     data = _paper()
     data["name"] = "reference"
     data["synapse"] = {
         "mixer": {"name": "bounded", "params": {"rho": 5.0}},
-        "aligner": {"name": "pool"},
+        "aligner": {"name": "pool", "params": {"pool_channels": True}},
         "image_trajectory": "noise",
+        "injection": "context",
+        "image_attention": "attn2",
+        "music_attention": "attn2",
     }
     return data
 

@@ -1,6 +1,7 @@
 """The visual synapse: capture image keys/values, align them, mix them into the music UNet."""
 
-from .aligners import Aligner, InterpolateAligner, LinearAligner, PoolAligner, pool_tokens
+from .aligners import Aligner, InterpolateAligner, LinearAligner, PoolAligner, pool_channels, pool_tokens
+from .injection import INJECTIONS, VIEWS, injection_points, split_view, with_view
 from .install import (
     CaptureHandle,
     SynapseHandle,
@@ -27,6 +28,12 @@ __all__ = [
     "InterpolateAligner",
     "LinearAligner",
     "pool_tokens",
+    "pool_channels",
+    "INJECTIONS",
+    "VIEWS",
+    "injection_points",
+    "split_view",
+    "with_view",
     "BaseMixer",
     "ConvexMixer",
     "PerHeadMixer",

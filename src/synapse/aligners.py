@@ -6,7 +6,11 @@ An aligner is called as ``aligner(x, tokens, grid=None)`` with ``x`` shaped
 target shape is returned unchanged (the very same tensor).
 
 - ``pool``: adaptive average pooling over the token axis (parameter-free; the
-  default). Widths must match.
+  default). Widths must match, unless ``pool_channels=True``: then the
+  channels (heads x head_dim) are adaptively average-pooled onto the target
+  width too, as the authors' released code fits an image attention output onto
+  the text context (``nn.AdaptiveAvgPool2d``; the bins are separable, so
+  pooling tokens and then channels is the same average).
 - ``interpolate``: resizes the 2-D token grid (``area`` by default, which
   averages when shrinking); needs the source grid (given, or a square) and the
   target grid.
@@ -29,8 +33,8 @@ from torch.nn import functional as F
 
 from ..registry import register
 
-__all__ = ["Aligner", "PoolAligner", "InterpolateAligner", "LinearAligner", "pool_tokens", "resize_grid",
-           "apply_aligner"]
+__all__ = ["Aligner", "PoolAligner", "InterpolateAligner", "LinearAligner", "pool_tokens", "pool_channels",
+           "resize_grid", "apply_aligner"]
 
 _MODES = ("area", "bilinear", "bicubic", "nearest", "nearest-exact")
 
@@ -47,6 +51,21 @@ def pool_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
     seq = rearrange(x.to(compute), "b h n d -> (b h) d n")
     seq = F.adaptive_avg_pool1d(seq, tokens)
     return rearrange(seq, "(b h) d n -> b h n d", b=batch, h=heads).to(dtype)
+
+
+def pool_channels(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """Adaptive average pooling of ``(batch, h, n, d)`` over its channels ``h*d`` onto ``heads*head_dim``
+    (a wider target repeats channels: each output bin averages the one or two inputs it overlaps)."""
+    if heads < 1 or head_dim < 1:
+        raise ValueError(f"heads, head_dim: expected positive ints, got {heads}, {head_dim}")
+    if (x.shape[1], x.shape[3]) == (heads, head_dim):
+        return x
+    dtype = x.dtype
+    merged = rearrange(x, "b h n d -> b n (h d)")
+    if merged.shape[-1] != heads * head_dim:
+        compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        merged = F.adaptive_avg_pool1d(merged.to(compute), heads * head_dim).to(dtype)
+    return rearrange(merged, "b n (h d) -> b h n d", h=heads)
 
 
 def _source_grid(in_grid: tuple[int, int] | None, tokens_in: int) -> tuple[int, int]:
@@ -150,14 +169,23 @@ def _require_same_width(aligner: Aligner) -> None:
 
 @register("aligner", "pool")
 class PoolAligner(Aligner):
-    """Adaptive average pooling over tokens (parameter-free)."""
+    """Adaptive average pooling over tokens (parameter-free); ``pool_channels=True`` pools the channels onto the
+    target width as well (the released code's fit of image attention outputs onto the text context)."""
 
-    def __init__(self, in_heads, in_head_dim, out_heads=None, out_head_dim=None, in_grid=None, **unused):
+    def __init__(self, in_heads, in_head_dim, out_heads=None, out_head_dim=None, in_grid=None,
+                 pool_channels: bool = False, **unused):
         super().__init__(in_heads, in_head_dim, out_heads, out_head_dim, in_grid)
-        _require_same_width(self)
+        if not isinstance(pool_channels, bool):
+            raise ValueError(f"pool_channels: expected true or false, got {pool_channels!r}")
+        self.pool_channels = pool_channels
+        if not pool_channels:
+            _require_same_width(self)
 
     def align(self, x, tokens, grid):
-        return pool_tokens(x, tokens)
+        x = pool_tokens(x, tokens)
+        if self.pool_channels and not self.same_width:
+            x = pool_channels(x, self.out_heads, self.out_head_dim)
+        return x
 
 
 @register("aligner", "interpolate")

@@ -5,6 +5,12 @@ Layer names are module paths inside the UNet. A name may point at an
 or at a ``Transformer2DModel`` with one transformer block
 (``up_blocks.1.attentions.0``), in which case its ``attn2`` (cross-attention,
 the music side) or ``attn1`` (self-attention, the image side) is used.
+
+A name may carry a view (:mod:`melfusion.synapse.injection`):
+``up_blocks.1.attentions.0.attn2:output`` taps that attention's output and
+``up_blocks.1.attentions.0.attn2:context`` its text context (the released
+code's injection point), each seen as one head; the view names its attention
+itself, whatever ``which`` says.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import nn
 
 from ..interfaces import LayerInfo
 from ..registry import registry
+from .injection import split_view
 from .processors import CaptureProcessor, CaptureStore, InjectProcessor, SynapseHook, SynapseState
 
 __all__ = [
@@ -47,6 +54,9 @@ def resolve_attention(unet: nn.Module, name: str, which: str = "attn2") -> tuple
     """The ``(full name, Attention module)`` that ``name`` designates (see the module doc)."""
     if which not in ("attn1", "attn2"):
         raise ValueError(f"which: expected 'attn1' (self-attention) or 'attn2' (cross-attention), got {which!r}")
+    base, view = split_view(name)
+    if view is not None:
+        return _resolve_view(unet, base, name)
     modules = dict(unet.named_modules())
     if name not in modules:
         known = decoder_layers(unet)
@@ -68,11 +78,36 @@ def resolve_attention(unet: nn.Module, name: str, which: str = "attn2") -> tuple
     return f"{name}.transformer_blocks.0.{which}", attn
 
 
+def _is_attention(module: nn.Module) -> bool:
+    return hasattr(module, "set_processor") and hasattr(module, "to_k")
+
+
+def _resolve_view(unet: nn.Module, base: str, name: str) -> tuple[str, nn.Module]:
+    """The attention a view name ``<base>:<view>`` designates: ``base`` is an attention module, or
+    ``<layer>.<attn1|attn2>`` with ``<layer>`` resolved as a plain name."""
+    module = dict(unet.named_modules()).get(base)
+    if module is not None and _is_attention(module):
+        return base, module
+    layer, _, which = base.rpartition(".")
+    if which not in ("attn1", "attn2") or not layer:
+        raise ValueError(f"layers: {name!r}: expected '<layer>.<attn1|attn2>:<view>' or '<attention path>:<view>'")
+    return resolve_attention(unet, layer, which)
+
+
 def layer_info(unet: nn.Module, name: str, which: str = "attn2") -> LayerInfo:
-    """Heads and head size of a layer (tokens and grid are filled in by :func:`probe_layers`)."""
+    """Heads and head size of a layer (tokens and grid are filled in by :func:`probe_layers`).
+
+    A view is one head: ``:output`` as wide as the attention's output, ``:context`` as its text context
+    (``to_k``'s input width, the cross-attention width).
+    """
     _, attn = resolve_attention(unet, name, which)
     if getattr(attn, "add_k_proj", None) is not None:
         raise NotImplementedError(f"layers: {name!r} uses added key/value projections, not supported")
+    view = split_view(name)[1]
+    if view == "output":
+        return LayerInfo(name=name, heads=1, head_dim=attn.to_out[0].out_features)
+    if view == "context":
+        return LayerInfo(name=name, heads=1, head_dim=attn.to_k.in_features)
     inner = attn.to_k.out_features
     return LayerInfo(name=name, heads=attn.heads, head_dim=inner // attn.heads)
 
@@ -231,7 +266,11 @@ def install_hook(model: nn.Module, hook: Any, layers: Sequence[str], which: str 
         for name in layers:
             _, attn = resolve_attention(model, name, which)
             layer_info(model, name, which)  # validates the attention type
-            proc = InjectProcessor(name, hook, original=attn.processor)
+            view = split_view(name)[1]
+            if view == "output":
+                raise ValueError(f"layers: {name!r} is an image tap (':output'); the synapse mixes into keys/values "
+                                 "or into a ':context' injection point")
+            proc = InjectProcessor(name, hook, original=attn.processor, view=view)
             installed.set(attn, proc)
             processors.append(proc)
     except Exception:
@@ -263,7 +302,11 @@ class CaptureHandle:
 
 def capture(unet: nn.Module, layers: Sequence[str] | None = None, which: str = "attn1",
             detach: bool = True) -> CaptureHandle:
-    """Record the keys and values of ``layers`` (default: decoder self-attention) on each forward pass."""
+    """Record the keys and values of ``layers`` (default: decoder self-attention) on each forward pass.
+
+    A layer named with a view records that view instead (``:output``: the attention's output, ``:context``: its
+    text context), as the pair ``(x, x)`` of one head ``(batch, 1, tokens, channels)``.
+    """
     layers = list(decoder_layers(unet) if layers is None else layers)
     store = CaptureStore()
     installed = _Installed()
@@ -271,7 +314,8 @@ def capture(unet: nn.Module, layers: Sequence[str] | None = None, which: str = "
         for name in layers:
             _, attn = resolve_attention(unet, name, which)
             layer_info(unet, name, which)
-            installed.set(attn, CaptureProcessor(name, store, original=attn.processor, detach=detach))
+            installed.set(attn, CaptureProcessor(name, store, original=attn.processor, detach=detach,
+                                                 view=split_view(name)[1]))
     except Exception:
         installed.remove()
         raise

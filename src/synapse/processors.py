@@ -4,10 +4,16 @@
 ``AttnProcessor2_0`` does (same projections, norms, masks and scaled
 dot-product attention) but calls :meth:`KVProcessor.transform` on the keys and
 values, shaped ``(batch, heads, tokens, head_dim)``, between their projection
-and the attention itself. Two subclasses use that hook:
+and the attention itself. Two more hooks serve the released code's injection
+point (:mod:`melfusion.synapse.injection`): :meth:`KVProcessor.transform_context`
+on the text context before ``norm_cross`` and the key/value projections, and
+:meth:`KVProcessor.transform_output` on the attention's output. Two subclasses
+use them:
 
-- :class:`CaptureProcessor` records them (the image side);
-- :class:`InjectProcessor` mixes image keys/values into them (the music side).
+- :class:`CaptureProcessor` records them (the image side): keys/values, or with
+  ``view="output"`` the output (``view="context"``: the text context);
+- :class:`InjectProcessor` mixes image features into them (the music side): into
+  the keys/values, or with ``view="context"`` into the text context.
 
 Both are ``nn.Module`` so ``unet.to(...)`` moves them, but they register no
 parameters inside the UNet: the mixer and the aligners live in one place (the
@@ -53,6 +59,15 @@ class KVProcessor(nn.Module):
     def transform(self, attn, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return key, value
 
+    def transform_context(self, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text context ``(batch, tokens, dim)`` -> the inputs of ``to_k`` and ``to_v`` (before ``norm_cross``;
+        default: the context itself for both)."""
+        return context, context
+
+    def transform_output(self, attn, out: torch.Tensor) -> torch.Tensor:
+        """The attention's output ``(batch, tokens, channels)`` after ``to_out`` (before any residual)."""
+        return out
+
     def forward(
         self,
         attn,
@@ -80,16 +95,18 @@ class KVProcessor(nn.Module):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         if encoder_hidden_states is None:
-            context = hidden_states
-        elif attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key_in = value_in = hidden_states
         else:
-            context = encoder_hidden_states
+            key_in, value_in = self.transform_context(attn, encoder_hidden_states)
+            if attn.norm_cross:
+                normed = attn.norm_encoder_hidden_states(key_in)
+                value_in = normed if value_in is key_in else attn.norm_encoder_hidden_states(value_in)
+                key_in = normed
 
         heads = attn.heads
         query = rearrange(attn.to_q(hidden_states), "b n (h d) -> b h n d", h=heads)
-        key = rearrange(attn.to_k(context), "b n (h d) -> b h n d", h=heads)
-        value = rearrange(attn.to_v(context), "b n (h d) -> b h n d", h=heads)
+        key = rearrange(attn.to_k(key_in), "b n (h d) -> b h n d", h=heads)
+        value = rearrange(attn.to_v(value_in), "b n (h d) -> b h n d", h=heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -99,7 +116,7 @@ class KVProcessor(nn.Module):
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
         out = rearrange(out, "b h n d -> b n (h d)").to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = self.transform_output(attn, attn.to_out[1](attn.to_out[0](out)))
         if spatial:
             out = rearrange(out, "b (h w) c -> b c h w", h=height, w=width)
         if attn.residual_connection:
@@ -111,18 +128,53 @@ class CaptureStore(dict):
     """``layer name -> (keys, values)``, filled by :class:`CaptureProcessor` on each forward pass."""
 
 
-class CaptureProcessor(KVProcessor):
-    """Records the layer's keys and values, ``(batch, heads, tokens, head_dim)``, into a shared store."""
+def _check_view(view: str | None, allowed: tuple[str | None, ...]) -> str | None:
+    if view not in allowed:
+        raise ValueError(f"view: expected one of {allowed}, got {view!r}")
+    return view
 
-    def __init__(self, name: str, store: CaptureStore, original: Any = None, detach: bool = True):
+
+def _one_head(x: torch.Tensor) -> torch.Tensor:
+    """``(batch, tokens, channels) -> (batch, 1, tokens, channels)``: a tensor seen as one attention head."""
+    return rearrange(x, "b n c -> b 1 n c")
+
+
+class CaptureProcessor(KVProcessor):
+    """Records the layer's keys and values, ``(batch, heads, tokens, head_dim)``, into a shared store.
+
+    ``view="output"`` records the attention's output instead, ``view="context"`` its text context, each as one
+    head ``(batch, 1, tokens, channels)`` and stored as the ``(keys, values)`` pair ``(x, x)`` (the same tensor),
+    so captures of any view flow through the same feature cache and aligners.
+    """
+
+    def __init__(self, name: str, store: CaptureStore, original: Any = None, detach: bool = True,
+                 view: str | None = None):
         super().__init__(name, original)
         self._store = _Ref(store)
         self.detach = detach
+        self.view = _check_view(view, (None, "output", "context"))
+
+    def _record(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._store.obj[self.name] = (key.detach(), value.detach()) if self.detach else (key, value)
+
+    def _record_one(self, x: torch.Tensor) -> None:
+        one = _one_head(x.detach() if self.detach else x)
+        self._store.obj[self.name] = (one, one)
 
     def transform(self, attn, key, value):
-        record = (key.detach(), value.detach()) if self.detach else (key, value)
-        self._store.obj[self.name] = record
+        if self.view is None:
+            self._record(key, value)
         return key, value
+
+    def transform_context(self, attn, context):
+        if self.view == "context":
+            self._record_one(context)
+        return context, context
+
+    def transform_output(self, attn, out):
+        if self.view == "output":
+            self._record_one(out)
+        return out
 
 
 @dataclass
@@ -151,6 +203,10 @@ class SynapseHook:
     ``state.image_rows`` selects; with no features set for ``layer`` it returns ``K, V`` themselves, so an
     installed synapse without an image is an exact no-op. Any denoiser calls it from its attention layers
     (diffusers models through :class:`InjectProcessor`; a plain-torch model directly).
+
+    At a ``:context`` injection point (:mod:`melfusion.synapse.injection`) ``K`` and ``V`` are both the text
+    context as one head, ``(batch, 1, tokens, width)``, the very same tensor; when the image pair is one tensor
+    too, the mix is computed once and returned for both.
     """
 
     def __init__(self, mixer: nn.Module, layers: list[str], aligners: list[nn.Module | None] | None = None,
@@ -202,28 +258,35 @@ class SynapseHook:
             return key, value
         index = self.index[layer]
         image_k, image_v = state.features[layer]
-        image_k, image_v = self._prepare(layer, image_k, key), self._prepare(layer, image_v, value)
+        shared = value is key and image_v is image_k  # a context injection point: one mix serves both
+        image_k = self._prepare(layer, image_k, key)
+        image_v = image_k if shared else self._prepare(layer, image_v, value)
         mixed_k = self.mixer(index, key, image_k, state.timestep)
-        mixed_v = self.mixer(index, value, image_v, state.timestep)
+        mixed_v = mixed_k if shared else self.mixer(index, value, image_v, state.timestep)
         rows = state.image_rows
         if rows is not None:
             rows = rows.to(device=key.device, dtype=torch.bool).view(-1, 1, 1, 1)
             mixed_k = torch.where(rows, mixed_k, key)
-            mixed_v = torch.where(rows, mixed_v, value)
+            mixed_v = mixed_k if shared else torch.where(rows, mixed_v, value)
         return mixed_k, mixed_v
 
 
 class InjectProcessor(KVProcessor):
     """Calls the synapse hook on this diffusers attention layer's keys/values: ``K <- mixer(layer, K, K_img)``.
 
+    ``view="context"`` (the released code's injection point) calls it on the text context instead, before
+    ``norm_cross`` and the key/value projections, seen as one head: ``c <- mixer(layer, c, e)``, then
+    ``K = to_k(c)``, ``V = to_v(c)``.
+
     With no features in the state (or none for this layer) it runs the
     original processor unchanged, so an installed synapse without an image is
     an exact no-op.
     """
 
-    def __init__(self, name: str, hook: SynapseHook, original: Any = None):
+    def __init__(self, name: str, hook: SynapseHook, original: Any = None, view: str | None = None):
         super().__init__(name, original)
         self._hook = _Ref(hook)
+        self.view = _check_view(view, (None, "context"))
 
     @property
     def hook(self) -> SynapseHook:
@@ -246,7 +309,20 @@ class InjectProcessor(KVProcessor):
         idle = isinstance(hook, SynapseHook) and not hook.active(self.name)
         if idle and self.original is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+        if self.view == "context" and encoder_hidden_states is None and not idle:
+            raise ValueError(f"synapse layer {self.name!r}: a ':context' injection point needs a cross-attention "
+                             "layer given a text context; this one attends over its own tokens")
         return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
 
     def transform(self, attn, key, value):
+        if self.view is not None:
+            return key, value
         return self.hook(self.name, key, value)
+
+    def transform_context(self, attn, context):
+        if self.view != "context":
+            return context, context
+        one = _one_head(context)
+        mixed_k, mixed_v = self.hook(self.name, one, one)
+        key_in = mixed_k[:, 0]
+        return key_in, key_in if mixed_v is mixed_k else mixed_v[:, 0]

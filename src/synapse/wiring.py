@@ -18,6 +18,7 @@ from ..interfaces import LayerInfo
 from ..registry import registry
 from .aligners import apply_aligner
 from .features import FeatureCache
+from .injection import split_view
 from .install import capture, layer_info, resolve_attention
 
 __all__ = ["probe_layers", "LayerPair", "Synapse", "pair_layers", "PAIRINGS", "nearest_depth"]
@@ -40,6 +41,9 @@ def probe_layers(unet: nn.Module, names: Sequence[str], which: str, sample_shape
     (``attn1``, or an ``attn2`` that got no encoder states, as in AudioLDM)
     gets its key count as ``tokens`` and its spatial ``grid``; a true
     cross-attention layer gets ``None`` for both (its key count is the text's).
+    An ``:output`` view (:mod:`melfusion.synapse.injection`) gets its query
+    token count and grid; a ``:context`` view gets ``None`` for both, and must
+    name an attention that is given a text context.
     """
     with torch.device("meta"):
         ghost = type(unet).from_config(unet.config)
@@ -51,7 +55,8 @@ def probe_layers(unet: nn.Module, names: Sequence[str], which: str, sample_shape
     for name in names:
         full, attn = resolve_attention(ghost, name, which)
         # the spatial layer holding the attention: the named transformer layer, or the one the attention sits in
-        spatial = modules.get(full.split(".transformer_blocks.")[0], modules[name])
+        holder = full.split(".transformer_blocks.")[0]
+        spatial = modules[holder] if holder in modules else modules[full]
 
         def grid_hook(mod, args, kwargs, _name=name):
             x = args[0] if args else kwargs["hidden_states"]
@@ -85,9 +90,16 @@ def probe_layers(unet: nn.Module, names: Sequence[str], which: str, sample_shape
             h.remove()
     out = []
     for name in names:
-        keys = handle.records[name][0]
         info = layer_info(unet, name, which)
-        if which == "attn1" or self_attending.get(name, False):
+        view = split_view(name)[1]
+        if view == "context":
+            if self_attending.get(name, False):
+                raise ValueError(f"layers: {name!r}: a ':context' injection point needs a cross-attention layer "
+                                 "given a text context; this one attends over its own tokens")
+            out.append(replace(info, tokens=None, grid=None))
+            continue
+        keys = handle.records[name][0]
+        if view == "output" or which == "attn1" or self_attending.get(name, False):
             out.append(replace(info, tokens=int(keys.shape[2]), grid=shapes.get(name)))
         else:
             out.append(replace(info, tokens=None, grid=None))
@@ -124,7 +136,7 @@ def pair_layers(image: Sequence[LayerInfo], music: Sequence[LayerInfo], rule: st
         for k, pair in enumerate(pairs):
             if len(pair) != 2:
                 raise ValueError(f"synapse.pairs[{k}]: expected [image_layer, music_layer], got {pair!r}")
-            a, b = pair
+            a, b = _viewed(pair[0], by_image), _viewed(pair[1], by_music)
             if a not in by_image:
                 raise ValueError(f"synapse.pairs[{k}]: {a!r} is not one of the image layers {sorted(by_image)}")
             if b not in by_music:
@@ -147,6 +159,16 @@ def pair_layers(image: Sequence[LayerInfo], music: Sequence[LayerInfo], rule: st
     return [LayerPair(image[nearest_depth(_depth(m, j, len(music)), [_depth(i, k, len(image))
                                                                      for k, i in enumerate(image)])], m)
             for j, m in enumerate(music)]
+
+
+def _viewed(name: str, known: dict[str, Any]) -> str:
+    """``name``, or the one known name that is a view of it (``up_blocks.1.attentions.0`` ->
+    ``up_blocks.1.attentions.0.attn2:context``, with ``injection: context``)."""
+    if name in known:
+        return name
+    views = [n for n in known if split_view(n)[1] is not None and name in (split_view(n)[0],
+                                                                           split_view(n)[0].rpartition(".")[0])]
+    return views[0] if len(views) == 1 else name
 
 
 def _depth(info: LayerInfo, index: int, count: int) -> float:
@@ -232,8 +254,10 @@ class Synapse(nn.Module):
                     continue
                 k, v = step[pair.image.name]
                 align = self.aligners[i]
-                aligned[pair.music.name] = (apply_aligner(align, k, tokens[i], grids[i]),
-                                            apply_aligner(align, v, tokens[i], grids[i]))
+                aligned_k = apply_aligner(align, k, tokens[i], grids[i])
+                # one tensor for both (an ``:output`` tap): aligned once, and still one tensor
+                aligned_v = aligned_k if v is k else apply_aligner(align, v, tokens[i], grids[i])
+                aligned[pair.music.name] = (aligned_k, aligned_v)
             out.add(t, aligned)
         return out
 
