@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import check_output, write_atomic
+from .batch import real_path
+from .files import OutputExistsError, check_output, write_atomic
 
 __all__ = ["CONDITIONS", "run_benchmark", "format_benchmark", "add_benchmark_arguments", "run_benchmark_cli"]
 
@@ -60,7 +61,7 @@ def _synthetic_truth(manifest: Path) -> dict[str, dict] | None:
         rows = read_synthetic_rows(manifest)
     except ValueError:
         return None
-    return {str(Path(r["location"]).resolve()): {a: r[a] for a in ATTRIBUTES} for r in rows}
+    return {str(real_path(r["location"])): {a: r[a] for a in ATTRIBUTES} for r in rows}
 
 
 def _score_synthetic(folder: Path, truth: Mapping[str, dict]) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def _score_synthetic(folder: Path, truth: Mapping[str, dict]) -> dict[str, Any]:
     records = read_generations(folder) or []
     readings, rows, gen, real = [], [], [], []
     for r in records:
-        ref = str(Path(r["reference"]).resolve()) if r.get("reference") else None
+        ref = str(real_path(r["reference"])) if r.get("reference") else None
         if ref not in truth:
             raise ValueError(f"{str(folder)!r}: {r['file']} has no synthetic ground truth (reference {ref!r})")
         wave = load_audio(folder / r["file"], r["sample_rate"], name="generated audio")
@@ -89,7 +90,8 @@ def _score_synthetic(folder: Path, truth: Mapping[str, dict]) -> dict[str, Any]:
                                                   for a in ATTRIBUTES},
             "chance": dict(CHANCE), "chance_se": {a: float(np.sqrt(CHANCE[a] * (1 - CHANCE[a]) / n))
                                                   for a in ATTRIBUTES},
-            "fd_mel": float(frechet_distance(np.stack(gen), np.stack(real)))}
+            # a Frechet distance needs two clips a side to estimate a covariance: None (n/a) for one
+            "fd_mel": float(frechet_distance(np.stack(gen), np.stack(real))) if n >= 2 else None}
 
 
 def run_benchmark(
@@ -126,6 +128,9 @@ def run_benchmark(
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown or not conditions:
         raise ValueError(f"conditions: expected some of {', '.join(CONDITIONS)}, got {list(conditions)}")
+    if len(set(conditions)) != len(conditions):
+        raise ValueError(f"conditions: each condition once, got {list(conditions)}")
+    _check_metric_inputs(metrics, reference, embedders)  # before any generation, not after the first condition
     if model.synapse is None and any(c != "both" for c in conditions):
         raise ValueError("conditions: this model has no synapse; only 'both' (its own conditioning) applies")
     truth = _synthetic_truth(manifest)
@@ -135,7 +140,11 @@ def run_benchmark(
         if isinstance(other, (str, os.PathLike)):
             from .pipeline import MelFusion
 
-            runs.append((label, MelFusion.from_pretrained(other), {}, str(other)))
+            try:
+                runs.append((label, MelFusion.from_pretrained(other), {}, str(other)))
+            except (ValueError, OSError) as exc:
+                raise (ValueError if isinstance(exc, ValueError) else OSError)(f"extra: {label}={other}: {exc}") \
+                    from None
         else:
             runs.append((label, other, {}, label))
     labels = [r[0] for r in runs]
@@ -144,10 +153,16 @@ def run_benchmark(
     results: dict[str, Any] = {"manifest": str(manifest), "conditions": {}, "synthetic": truth is not None}
     for label, m, overrides, name in runs:
         folder = out / _slug(label)
-        report = generate_manifest(m, manifest, folder, batch_size=batch_size, seed=seed, limit=limit,
-                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                   image_guidance_scale=image_guidance_scale, model_name=name, progress=progress,
-                                   **overrides)
+        try:
+            report = generate_manifest(m, manifest, folder, batch_size=batch_size, seed=seed, limit=limit,
+                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                       image_guidance_scale=image_guidance_scale, model_name=name,
+                                       progress=progress, **overrides)
+        except OutputExistsError as exc:  # its advice (--out-dir, --overwrite) is generate's, not this command's
+            detail = str(exc).removeprefix("out_dir: ").split("; use another", 1)[0].split("; it is kept", 1)[0]
+            raise OutputExistsError(f"out: the condition folder {str(folder)!r} cannot be reused ({detail}); give "
+                                    "the benchmark another out folder (--out)") from None
+        _check_only_this_run(folder, report.files)
         entry: dict[str, Any] = {"folder": str(folder), "files": len(report.files), "bad_rows": report.bad,
                                  "written": len(report.written), "seconds": round(report.seconds, 2)}
         if truth is not None:
@@ -161,6 +176,37 @@ def run_benchmark(
     first = read_generations(out / _slug(runs[0][0])) or [{}]
     results["generation"] = {"settings": first[0].get("settings"), "model": first[0].get("model")}
     return results
+
+
+def _check_metric_inputs(metrics: Sequence[str] | None, reference: Any, embedders: Mapping[str, Any] | None) -> None:
+    """What the real metrics need (a reference folder, the embedders' weights), checked before any work."""
+    if not metrics:
+        return
+    from .metrics.evaluate import parse_metrics
+
+    names = parse_metrics(list(metrics))
+    given = dict(embedders or {})
+    needs_ref = [m for m in names if m in ("fad", "fd", "kl")]
+    if needs_ref and reference is None:
+        raise ValueError(f"reference: the metrics {', '.join(needs_ref)} need a reference audio folder")
+    if needs_ref and not Path(reference).is_dir():
+        raise ValueError(f"reference: no such folder {str(reference)!r}")
+    for metric, embedder in (("fad", "vggish"), ("fd", "panns"), ("kl", "panns")):
+        if metric in names and given.get(embedder) is None:
+            raise ValueError(f"{embedder}: the metric {metric} needs {embedder} weights (a file, folder or hub id)")
+
+
+def _check_only_this_run(folder: Path, files: Sequence[Path]) -> None:
+    """A condition folder is scored whole: refuse one that also holds files of an earlier run over other rows
+    (a larger --rows, a row that has turned bad), which would be scored with this run's."""
+    from .batch import read_generations
+
+    mine = {p.name for p in files}
+    others = [r["file"] for r in read_generations(folder) or [] if r["file"] not in mine]
+    if others:
+        shown = ", ".join(others[:3]) + (f" ... ({len(others)} in all)" if len(others) > 3 else "")
+        raise ValueError(f"out: {str(folder)!r} also holds files of an earlier run over other rows ({shown}; a "
+                         "larger --rows?), which would be scored with this run's; give the benchmark another --out")
 
 
 def format_benchmark(results: Mapping[str, Any]) -> str:
@@ -186,7 +232,7 @@ def format_benchmark(results: Mapping[str, Any]) -> str:
             s = entry["synthetic"]
             cells.append(str(s["n"]))
             cells += [f"{100 * s['accuracy'][a]:.0f} ± {100 * s['se'][a]:.1f}" for a in ATTRIBUTES]
-            cells.append(f"{s['fd_mel']:.2f}")
+            cells.append(f"{s['fd_mel']:.2f}" if s["fd_mel"] is not None else "n/a")
         else:
             cells.append(str(entry["files"]))
         ms = (entry.get("evaluate") or {}).get("metrics", {})
@@ -223,7 +269,25 @@ def add_benchmark_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+#: run_benchmark's argument names -> this command's flags, so an error names what the user typed
+_FLAGS = {"limit": "--rows", "batch_size": "--batch-size", "seed": "--seed", "num_inference_steps": "--steps",
+          "guidance_scale": "--guidance", "image_guidance_scale": "--image-guidance", "reference": "--reference",
+          "conditions": "--conditions", "extra": "--extra", "metrics": "--metrics", "manifest": "--manifest",
+          "out": "--out", "vggish": "--vggish", "panns": "--panns", "device": "--device"}
+
+
 def run_benchmark_cli(args) -> int:
+    """``melfusion benchmark``: 0 done, 2 (after writing the table) when bad manifest rows were skipped."""
+    try:
+        return _run_benchmark_cli(args)
+    except (ValueError, OSError) as exc:
+        name, sep, rest = str(exc).partition(":")
+        if sep and name in _FLAGS:
+            raise (ValueError if isinstance(exc, ValueError) else OSError)(f"{_FLAGS[name]}:{rest}") from None
+        raise
+
+
+def _run_benchmark_cli(args) -> int:
     from .metrics.evaluate import parse_metrics
     from .pipeline import MelFusion
 
@@ -251,6 +315,13 @@ def run_benchmark_cli(args) -> int:
     write_atomic(table_path, table + "\n")
     write_atomic(results_path, json.dumps(results, indent=2, default=str, allow_nan=False) + "\n")
     print(f"wrote {table_path} and {results_path}", file=sys.stderr)
+    bad = next(iter(results["conditions"].values()))["bad_rows"]
+    if bad:  # the same rows in every condition (one manifest)
+        listed = "; ".join(f"row {row}: {why}" for row, why in bad[:5]) + (f"; ... ({len(bad)} in all)"
+                                                                         if len(bad) > 5 else "")
+        print(f"melfusion benchmark: {len(bad)} bad rows of {args.manifest} were skipped ({listed}); the table "
+              "covers the other rows", file=sys.stderr)
+        return 2
     return 0
 
 

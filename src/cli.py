@@ -87,6 +87,7 @@ def _check_device_flag(args: argparse.Namespace) -> None:
 
 def _generate_manifest(args: argparse.Namespace) -> int:
     from .batch import generate_manifest
+    from .files import OutputExistsError
 
     for flag, value in (("--image", args.image), ("--text", args.text), ("--out", args.out),
                         ("--spectrogram", args.spectrogram)):
@@ -95,6 +96,8 @@ def _generate_manifest(args: argparse.Namespace) -> int:
                              "to --out-dir)")
     if not args.out_dir:
         raise ValueError("--out-dir: required with --manifest (the folder the generated files go to)")
+    if not str(args.manifest).strip():  # Path("") is ".": the current folder would be read as a manifest
+        raise ValueError("--manifest: expected a file or folder, got an empty string")
     if not Path(args.manifest).exists():
         raise ValueError(f"--manifest: no such file or folder {args.manifest!r}")
     _check_device_flag(args)
@@ -105,13 +108,16 @@ def _generate_manifest(args: argparse.Namespace) -> int:
     model = _load_model(args, _dtype(args.dtype))
     try:
         report = generate_manifest(
-            model, args.manifest, args.out_dir, batch_size=args.batch_size or 1, seed=args.seed,
+            model, args.manifest, args.out_dir, seed=args.seed,
+            batch_size=1 if args.batch_size is None else args.batch_size,  # 0 is refused, not taken as 1
             num_samples=args.num_samples, num_inference_steps=args.steps, guidance_scale=args.guidance,
             image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
             image_steps=args.image_steps, alpha=args.alpha, format=args.manifest_format, limit=args.limit,
             model_name=_model_name(args), overwrite=args.overwrite, progress=not args.no_progress)
     except ValueError as exc:
         raise _as_flag(exc) from None
+    except OutputExistsError as exc:  # "out_dir: ..." -> "--out-dir: ..."
+        raise OutputExistsError(str(_as_flag(ValueError(str(exc))))) from None
     if os.environ.get("RANK", "0") == "0":
         print(report.summary(), file=sys.stderr if report.bad else sys.stdout)
         if report.generations is not None:

@@ -11,13 +11,12 @@ import pytest
 import soundfile as sf
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import melfusion as mf
 from melfusion.cli import main
 from melfusion.datasets.synthetic import ATTRIBUTES, write_synthetic_manifest
 from melfusion.metrics.evaluate import evaluate, protocol_differences
-from test_metrics_embedders import make_tiny_clap, make_tiny_clip, tiny_cnn14, tiny_vggish
+from test_metrics_embedders import save_tiny_embedders
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = 32  # the first 32 of the 96 held-out rows docs/mini.md's benchmark table was made from
@@ -103,11 +102,7 @@ def test_a_second_benchmark_run_reuses_every_file(mini_benchmark, capsys):
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinybench")
-    weights = root / "weights"
-    weights.mkdir()
-    save_file(tiny_vggish().state_dict(), str(weights / "vggish.safetensors"))
-    torch.save({"model": tiny_cnn14().state_dict()}, weights / "Cnn14_mAP=0.431.pth")
-    clap, clip = make_tiny_clap(root / "clap"), make_tiny_clip(root / "clip")
+    embedders = save_tiny_embedders(root)
     data = root / "data"
     (data / "images").mkdir(parents=True)
     (data / "audio").mkdir()
@@ -121,9 +116,7 @@ def tiny_world(tmp_path_factory):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
     folder = mf.MelFusion.from_config("tiny").save_pretrained(root / "tiny")
-    return {"root": root, "manifest": manifest, "reference": data / "audio", "model": folder,
-            "vggish": weights / "vggish.safetensors", "panns": weights / "Cnn14_mAP=0.431.pth", "clap": str(clap),
-            "clip": str(clip)}
+    return {"root": root, "manifest": manifest, "reference": data / "audio", "model": folder, **embedders}
 
 
 def test_the_benchmark_fills_real_metrics_with_embedder_weights(tiny_world, tmp_path, capsys):

@@ -312,3 +312,14 @@ def test_joint_loading_errors(tmp_path):
 
 def test_hub_offline_is_set():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def save_tiny_embedders(root) -> dict:
+    """Tiny VGGish (safetensors), PANNs (a torch.save checkpoint), CLAP and CLIP saved under ``root``:
+    ``{"vggish", "panns"}`` paths and ``{"clap", "clip"}`` folder names, as evaluate takes them."""
+    weights = root / "weights"
+    weights.mkdir()
+    save_file(tiny_vggish().state_dict(), str(weights / "vggish.safetensors"))
+    torch.save({"model": tiny_cnn14().state_dict()}, weights / "Cnn14_mAP=0.431.pth")
+    return {"vggish": weights / "vggish.safetensors", "panns": weights / "Cnn14_mAP=0.431.pth",
+            "clap": str(make_tiny_clap(root / "clap")), "clip": str(make_tiny_clip(root / "clip"))}

@@ -6,9 +6,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from melfusion.metrics import (
     ClapEmbedder,
@@ -27,7 +25,10 @@ from melfusion.metrics import (
 )
 from melfusion.metrics.audio import load_audio
 from melfusion.metrics.similarity import cosine_similarity
-from test_metrics_embedders import make_tiny_clap, make_tiny_clip, tiny_cnn14, tiny_vggish, tone
+from test_metrics_embedders import (
+    save_tiny_embedders,
+    tone,
+)
 
 STEMS = ("a", "b", "c", "d")
 
@@ -35,11 +36,7 @@ STEMS = ("a", "b", "c", "d")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    weights = root / "weights"
-    weights.mkdir()
-    save_file(tiny_vggish().state_dict(), str(weights / "vggish.safetensors"))
-    torch.save({"model": tiny_cnn14().state_dict()}, weights / "Cnn14_mAP=0.431.pth")
-    clap, clip = make_tiny_clap(root / "clap"), make_tiny_clip(root / "clip")
+    embedders = save_tiny_embedders(root)
     gen, ref, images = root / "gen", root / "ref", root / "images"
     for d in (gen, ref, images):
         d.mkdir()
@@ -56,8 +53,7 @@ def world(tmp_path_factory):
                      "img_path": f"images/{stem}.png"})
     manifest = root / "manifest.json"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return {"root": root, "gen": gen, "ref": ref, "manifest": manifest, "vggish": weights / "vggish.safetensors",
-            "panns": weights / "Cnn14_mAP=0.431.pth", "clap": str(clap), "clip": str(clip)}
+    return {"root": root, "gen": gen, "ref": ref, "manifest": manifest, **embedders}
 
 
 def _run(world, tmp_path, metrics, **kwargs):

@@ -201,7 +201,10 @@ def protocol_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str
     """Every leaf that differs between two protocol records (or two results: their ``protocol``), as
     ``"path: a -> b"`` lines; empty when the two numbers were computed the same way on as many files."""
     if not prefix:  # two results, two protocols, or one of each
-        a, b = a.get("protocol", a), b.get("protocol", b)
+        a = a.get("protocol", a) if isinstance(a, Mapping) else a
+        b = b.get("protocol", b) if isinstance(b, Mapping) else b
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):  # a hand-edited record: compared whole
+        return [] if a == b else [f"{prefix.rstrip('.') or 'protocol'}: {a!r} -> {b!r}"]
     out = []
     for key in sorted(set(a) | set(b)):
         x, y = a.get(key), b.get(key)
@@ -399,7 +402,7 @@ def generation_records(generated: str | os.PathLike, gen_files: Sequence[Path], 
     A file without a record, a record whose file is gone or whose hash differs, and (unless
     ``allow_mixed_settings``) records of different settings or model weights, are ``ValueError`` s.
     """
-    from ..batch import read_generations, settings_key, sha256_file
+    from ..batch import read_generations, real_path, settings_key, sha256_file
 
     root = Path(generated)
     if not root.is_dir():
@@ -409,8 +412,8 @@ def generation_records(generated: str | os.PathLike, gen_files: Sequence[Path], 
         return None
     by_file: dict[Path, dict] = {}
     for record in listed:
-        by_file[(root / record["file"]).resolve()] = record
-    found = {p.resolve(): p for p in gen_files}
+        by_file[real_path(root / record["file"])] = record
+    found = {real_path(p): p for p in gen_files}
     orphans = [str(p) for r, p in found.items() if r not in by_file]
     if orphans:
         raise ValueError(f"generated: {_few(orphans)} {'is' if len(orphans) == 1 else 'are'} not in "
@@ -447,7 +450,9 @@ def pair_by_records(gen_files: Sequence[Path], ref_files: Sequence[Path], record
                     ) -> list[tuple[str, Path, Path]]:
     """``(file name, generated, reference)``: each generated file with the reference clip its record names
     (by path when that file is among the reference files, else by its stem); a ``ValueError`` lists the rest."""
-    by_path = {p.resolve(): p for p in ref_files}
+    from ..batch import real_path
+
+    by_path = {real_path(p): p for p in ref_files}
     by_stem: dict[str, list[Path]] = {}
     for p in ref_files:
         by_stem.setdefault(p.stem, []).append(p)
@@ -456,7 +461,7 @@ def pair_by_records(gen_files: Sequence[Path], ref_files: Sequence[Path], record
         ref = records[g].get("reference")
         match = None
         if ref:
-            match = by_path.get(Path(ref).resolve())
+            match = by_path.get(real_path(ref))
             if match is None and len(by_stem.get(Path(ref).stem, [])) == 1:
                 match = by_stem[Path(ref).stem][0]
         if match is None:
@@ -611,10 +616,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _read_results(path: str | os.PathLike) -> dict[str, Any]:
     """An earlier results or protocol JSON (``--compare-protocol``); a ``ValueError`` naming it otherwise."""
+    from ..files import check_input_file
+
+    path = check_input_file(path, "--compare-protocol", "results or protocol JSON file")  # a pipe would block
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"--compare-protocol: cannot read {str(path)!r} as JSON ({exc})") from None
     if not isinstance(data, dict) or not ("protocol" in data or "embedders" in data):
         raise ValueError(f"--compare-protocol: {str(path)!r} is not a melfusion evaluate result or protocol")
+    if not isinstance(data.get("protocol", data), dict):
+        raise ValueError(f"--compare-protocol: {str(path)!r} has a 'protocol' that is not a JSON object (edited?)")
     return data
