@@ -55,6 +55,7 @@ __all__ = [
 GROUP_BY = ("audio", "image", "row")
 DEFAULT_NAMES = {2: ("train", "test"), 3: ("train", "val", "test")}
 RATIO_TOLERANCE = 1e-3  # ratios summing to within this of 1 are normalised to sum to exactly 1
+MAX_SYNTHETIC_ROWS = 1_000_000  # about 80 GB of clips and pictures: more is a typo, not a test set
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _SHOWN_COUNTS = 6  # distinct sizes / rates listed in the text report, then "and N more"
 _SHOWN_SKIPPED = 10  # skipped rows named in split's warning line
@@ -86,7 +87,7 @@ def check_manifest(path: str | Path, *, format: str | None = None, columns: dict
     ``require_image=False`` accepts rows without an image. An unreadable manifest raises
     :class:`~melfusion.datasets.manifest.ManifestError` naming it.
     """
-    rows = read_manifest(path, format=format, columns=columns, require_audio=require_audio)
+    rows = _read_manifest(path, format=format, columns=columns, require_audio=require_audio)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_VALIDATION_WARNING)
         report = validate_manifest(rows, policy="skip", require_image=require_image, progress=progress)
@@ -101,6 +102,26 @@ def check_manifest(path: str | Path, *, format: str | None = None, columns: dict
         "captions": {"words": _spread([len(t.caption.split()) for t in good]),
                      "characters": _spread([len(t.caption) for t in good])},
     }
+
+
+def _read_manifest(path: str | Path, **kwargs) -> list[Triplet]:
+    """:func:`read_manifest`, with any other ``ValueError`` it lets through (e.g. a JSON integer over
+    Python's 4300-digit limit) as a :class:`ManifestError` naming the manifest."""
+    _check_source(path)
+    try:
+        return read_manifest(path, **kwargs)
+    except ManifestError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise ManifestError(f"manifest: cannot read {str(path)!r} ({' '.join(str(exc).split())})") from None
+
+
+def _check_source(path: str | Path) -> None:
+    """A manifest path that names nothing (or a looping link) as a :class:`ManifestError` naming it."""
+    if not str(path).strip():
+        raise ManifestError(f"manifest: expected a file or folder path, got {str(path)!r}")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ManifestError(f"manifest: {str(path)!r} is a broken or looping symbolic link")
 
 
 def _format_of(path: Path, format: str | None) -> str:
@@ -285,8 +306,8 @@ def _check_names(names: Sequence[str] | None, count: int, name: str = "names") -
     for n in names:
         if not isinstance(n, str) or not _NAME.match(n):
             raise ValueError(f"{name}: {n!r} is not a usable split name (letters, digits, '_' and '-')")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{name}: the split names must differ; got {list(names)!r}")
+    if len({n.casefold() for n in names}) != len(names):  # one file on a case-insensitive disk
+        raise ValueError(f"{name}: the split names must differ (ignoring case); got {list(names)!r}")
     return names
 
 
@@ -427,9 +448,10 @@ def split_manifest(path: str | Path, ratios: Sequence[float] = (0.6, 0.2, 0.2), 
         raise ValueError(f"group_by: expected one of {', '.join(GROUP_BY)}, got {group_by!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an integer, got {seed!r}")
+    _check_source(path)
     source = Path(path)
     outputs = _check_outputs(source, names, exact, out_dir, overwrite, "out_dir")
-    rows = read_manifest(source, format=format, columns=columns, require_audio=require_audio)
+    rows = _read_manifest(source, format=format, columns=columns, require_audio=require_audio)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_VALIDATION_WARNING)
         report = validate_manifest(rows, policy="skip", require_image=False, check_audio=False,
@@ -463,10 +485,16 @@ def _check_outputs(source: Path, names: Sequence[str], exact: Sequence[Fraction]
                    overwrite: bool, name: str) -> dict[str, Path]:
     """The split files, each checked by :func:`~melfusion.files.check_output` (a split with ratio 0 is
     never written, so its path is not checked)."""
+    _check_source(source)
+    if out_dir is not None and not str(out_dir).strip():
+        raise ValueError(f"{name}: expected a folder path, got {str(out_dir)!r}")
     outputs = split_paths(source, names, out_dir)
     for n, r in zip(names, exact, strict=True):
         if r > 0:
-            check_output(outputs[n], name, overwrite=overwrite, inputs=[source], suffixes=(".jsonl",))
+            try:
+                check_output(outputs[n], name, overwrite=overwrite, inputs=[source], suffixes=(".jsonl",))
+            except RuntimeError as exc:  # Path.resolve on a looping link (Python < 3.13)
+                raise ValueError(f"{name}: cannot write {str(outputs[n])!r} ({exc})") from None
     return outputs
 
 
@@ -612,21 +640,41 @@ def add_data_parser(sub) -> None:
 def _run_synthetic(args) -> int:
     from .synthetic import write_synthetic_manifest
 
+    if not args.folder.strip():
+        raise ValueError(f"folder: expected a folder path, got {args.folder!r}")
     folder = Path(args.folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if os.path.lexists(folder) and (not folder.is_dir() or any(folder.iterdir())):  # a link pointing nowhere too
         raise ValueError(f"folder: {str(folder)!r} exists and is not an empty folder; give a new one")
-    if args.rows < 1:
-        raise ValueError(f"--rows: expected a positive number, got {args.rows}")
-    path = write_synthetic_manifest(folder, n=args.rows, seed=args.seed, start=args.start)
+    for parent in folder.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise ValueError(f"folder: {str(parent)!r} is not a folder, so {str(folder)!r} cannot be made")
+            break
+    if not 1 <= args.rows <= MAX_SYNTHETIC_ROWS:
+        raise ValueError(f"--rows: expected a number from 1 to {MAX_SYNTHETIC_ROWS}, got {args.rows}")
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
+    if args.start < 0:
+        raise ValueError(f"--start: expected a non-negative integer, got {args.start}")
+    try:
+        path = write_synthetic_manifest(folder, n=args.rows, seed=args.seed, start=args.start)
+    except OSError as exc:
+        if not exc.strerror:
+            raise
+        raise OSError(f"folder: cannot write {str(folder)!r} ({exc.strerror}: {exc.filename})") from None
     print(f"wrote {path} ({args.rows} rows)")
     return 0
 
 
 def _run_check(args) -> int:
     out = None
+    _check_source(args.manifest)
     if args.json is not None:
-        out = check_output(args.json, "--json", overwrite=args.overwrite, inputs=[args.manifest],
-                           suffixes=(".json",))
+        try:
+            out = check_output(args.json, "--json", overwrite=args.overwrite, inputs=[args.manifest],
+                               suffixes=(".json",))
+        except RuntimeError as exc:  # Path.resolve on a looping link (Python < 3.13)
+            raise ValueError(f"--json: cannot write {args.json!r} ({exc})") from None
     report = check_manifest(args.manifest, format=args.format, require_image=not args.no_image_required,
                             require_audio=not args.no_audio, progress=not args.no_progress)
     if out is not None:
@@ -645,6 +693,7 @@ def _run_check(args) -> int:
 def _run_split(args) -> int:
     import sys
 
+    _check_source(args.manifest)
     ratios = parse_ratios(args.ratios, "--ratios")
     names = _check_names(args.names, len(ratios), "--names")
     _check_outputs(Path(args.manifest), names, check_ratios(ratios), args.out_dir, args.overwrite, "--out-dir")
