@@ -276,26 +276,16 @@ def _dist_state():
     return state.process_index, state.num_processes, state.wait_for_everyone
 
 
-def _check_rows(model: Any, triplets: Sequence[Any], planned: list[BatchRow]) -> dict[int, str]:
-    """Bad rows by position: an empty caption, or (for a model with a synapse) a missing or unreadable image."""
-    from PIL import Image
-
-    from .images import open_image
+def _check_rows(model: Any, planned: list[BatchRow]) -> dict[int, str]:
+    """Bad rows by position: an empty caption, or (for a model with a synapse) a missing or unreadable image;
+    the checks :func:`~melfusion.datasets.validate_manifest` makes, without the audio (a reference is optional)."""
+    from .datasets.manifest import Triplet, row_problems
 
     bad = {}
     needs_image = model.synapse is not None
     for row in planned:
-        reasons = []
-        if not isinstance(row.caption, str) or not row.caption.strip():
-            reasons.append("caption is empty")
-        if needs_image:
-            if row.image is None:
-                reasons.append("no image given (img_path)")
-            else:
-                try:
-                    open_image(row.image, "image")
-                except (ValueError, OSError, EOFError, Image.DecompressionBombError) as exc:
-                    reasons.append(" ".join(str(exc).split()) or type(exc).__name__)
+        reasons = row_problems(Triplet(row.row, row.caption, None, row.image), require_image=needs_image,
+                               check_audio_files=False, check_images=needs_image)
         if reasons:
             bad[row.index] = "; ".join(reasons)
     return bad
@@ -370,8 +360,7 @@ def generate_manifest(
     # ids are planned over the whole manifest, so that a row's file name does not depend on ``limit`` (a row
     # sharing its clip with a later row is CLIP__IMAGE whether or not that row is taken)
     planned = plan_rows(list(read))[:limit]
-    triplets = list(read)[:limit]
-    last = triplets[-1].row if triplets else 0
+    last = planned[-1].row if planned else 0
     problems = [p for p in read.problems if limit is None or p[0] <= last]
     inputs = {str(real_path(p)) for r in planned for p in (r.image, r.reference) if p is not None}
     inputs.add(str(real_path(manifest)))
@@ -381,7 +370,7 @@ def generate_manifest(
         image_steps=image_steps, negative_text=negative_text, alpha=alpha, text=text, batch_size=batch_size,
         seed=seed)
     samples = positive_int(settings["num_samples"], "num_samples", high=4096)  # the config's count too
-    bad_by_index = _check_rows(model, triplets, planned)
+    bad_by_index = _check_rows(model, planned)
     bad = sorted(list(problems) + [(planned[i].row, why) for i, why in bad_by_index.items()])
     good = [r for r in planned if r.index not in bad_by_index]
     names = {r.index: _file_names(r.row_id, samples) for r in good}

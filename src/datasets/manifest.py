@@ -42,6 +42,7 @@ __all__ = [
     "ValidationReport",
     "read_manifest",
     "validate_manifest",
+    "row_problems",
     "AUDIO_SUFFIXES",
     "IMAGE_SUFFIXES",
 ]
@@ -489,7 +490,7 @@ def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: s
             reasons = [f"duplicates row {seen[key]} (the same caption, audio and image)"]
         else:
             seen[key] = triplet.row
-            reasons = _row_problems(triplet, require_image, check_audio, check_images, max_seconds)
+            reasons = row_problems(triplet, require_image, check_audio, check_images, max_seconds)
         if reasons:
             bad.append((triplet.row, "; ".join(reasons)))
             by_row[triplet.row] = triplet
@@ -512,8 +513,9 @@ def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: s
 _ROW_ERRORS = (ValueError, OSError, RuntimeError, EOFError, Image.DecompressionBombError)
 
 
-def _row_problems(t: Triplet, require_image: bool, check_audio_files: bool, check_images: bool,
-                  max_seconds: float | None = None) -> list[str]:
+def row_problems(t: Triplet, require_image: bool, check_audio_files: bool, check_images: bool,
+                 max_seconds: float | None = None) -> list[str]:
+    """Every problem of one row's caption and files (empty when it is good); see :func:`validate_manifest`."""
     reasons = []
     if not isinstance(t.caption, str):
         reasons.append(f"caption is {_a(t.caption)}, not a string")

@@ -152,16 +152,14 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".npz")
 def weight_file_hashes(source: Any) -> dict[str, str] | None:
     """sha256 of the weight files behind an embedder's ``source``: the file itself, or the weight files of a
     folder (by name); None for a hub id that is not a local path (its ``identity`` still hashes the weights)."""
-    from ..batch import sha256_file
-
     if source is None:
         return None
     path = Path(str(source).split(":")[0] if not Path(str(source)).exists() else str(source)).expanduser()
     if path.is_file():
-        return {path.name: sha256_file(path)}
+        return {path.name: file_sha256(path)}
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)[:64]
-        return {str(p.relative_to(path)): sha256_file(p) for p in files}
+        return {str(p.relative_to(path)): file_sha256(p) for p in files}
     return None
 
 
@@ -402,7 +400,7 @@ def generation_records(generated: str | os.PathLike, gen_files: Sequence[Path], 
     A file without a record, a record whose file is gone or whose hash differs, and (unless
     ``allow_mixed_settings``) records of different settings or model weights, are ``ValueError`` s.
     """
-    from ..batch import read_generations, real_path, settings_key, sha256_file
+    from ..batch import read_generations, real_path, settings_key
 
     root = Path(generated)
     if not root.is_dir():
@@ -422,7 +420,7 @@ def generation_records(generated: str | os.PathLike, gen_files: Sequence[Path], 
     gone = [r["file"] for p, r in by_file.items() if p not in found]
     if gone:
         raise ValueError(f"generated: generations.jsonl lists files that are missing: {_few(gone)}")
-    changed = [str(found[p]) for p, r in by_file.items() if sha256_file(found[p]) != r.get("audio_sha256")]
+    changed = [str(found[p]) for p, r in by_file.items() if file_sha256(found[p]) != r.get("audio_sha256")]
     if changed:
         raise ValueError(f"generated: {_few(changed)} differ from the hash generations.jsonl records (changed "
                          "after generation?)")
