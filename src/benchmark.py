@@ -64,7 +64,10 @@ def _synthetic_truth(manifest: Path) -> dict[str, dict] | None:
     return {str(real_path(r["location"])): {a: r[a] for a in ATTRIBUTES} for r in rows}
 
 
-def _score_synthetic(folder: Path, truth: Mapping[str, dict]) -> dict[str, Any]:
+def _score_synthetic(folder: Path, truth: Mapping[str, dict], references: dict[tuple[str, int], np.ndarray]
+                     ) -> dict[str, Any]:
+    """Attribute accuracy and FD (mel) of one condition's files; ``references`` remembers the reference clips'
+    embeddings across conditions (by path and rate), so each is read once per benchmark."""
     from .batch import read_generations
     from .datasets.audio import load_audio
     from .datasets.synthetic import ATTRIBUTES, CHANCE, attribute_accuracy, read_attributes
@@ -81,7 +84,11 @@ def _score_synthetic(folder: Path, truth: Mapping[str, dict]) -> dict[str, Any]:
         readings.append(read_attributes(wave, r["sample_rate"]))
         rows.append(truth[ref])
         gen.append(mel_band_embedding(wave, r["sample_rate"]))
-        real.append(mel_band_embedding(load_audio(ref, r["sample_rate"], name="reference audio"), r["sample_rate"]))
+        key = (ref, r["sample_rate"])
+        if key not in references:
+            references[key] = mel_band_embedding(load_audio(ref, r["sample_rate"], name="reference audio"),
+                                                 r["sample_rate"])
+        real.append(references[key])
     if not readings:
         raise ValueError(f"{str(folder)!r}: no generated files to score")
     accuracy = attribute_accuracy(readings, rows)
@@ -151,6 +158,7 @@ def run_benchmark(
     if len(set(labels)) != len(labels) or len({_slug(x) for x in labels}) != len(labels):
         raise ValueError(f"extra: labels must differ from each other and from the conditions, got {labels}")
     results: dict[str, Any] = {"manifest": str(manifest), "conditions": {}, "synthetic": truth is not None}
+    references: dict[tuple[str, int], np.ndarray] = {}
     for label, m, overrides, name in runs:
         folder = out / _slug(label)
         try:
@@ -166,7 +174,7 @@ def run_benchmark(
         entry: dict[str, Any] = {"folder": str(folder), "files": len(report.files), "bad_rows": report.bad,
                                  "written": len(report.written), "seconds": round(report.seconds, 2)}
         if truth is not None:
-            entry["synthetic"] = _score_synthetic(folder, truth)
+            entry["synthetic"] = _score_synthetic(folder, truth, references)
         if metrics:
             entry["evaluate"] = evaluate(folder, reference, metrics=list(metrics), progress=progress, device=device,
                                          **dict(embedders or {}))
@@ -182,11 +190,11 @@ def _check_metric_inputs(metrics: Sequence[str] | None, reference: Any, embedder
     """What the real metrics need (a reference folder, the embedders' weights), checked before any work."""
     if not metrics:
         return
-    from .metrics.evaluate import parse_metrics
+    from .metrics.evaluate import NEEDS_REFERENCE, parse_metrics
 
     names = parse_metrics(list(metrics))
     given = dict(embedders or {})
-    needs_ref = [m for m in names if m in ("fad", "fd", "kl")]
+    needs_ref = [m for m in names if m in NEEDS_REFERENCE]
     if needs_ref and reference is None:
         raise ValueError(f"reference: the metrics {', '.join(needs_ref)} need a reference audio folder")
     if needs_ref and not Path(reference).is_dir():

@@ -34,7 +34,8 @@ __all__ = ["METRICS", "evaluate", "embed_files", "format_table", "write_json", "
            "run_evaluate", "protocol_record", "protocol_differences", "generation_records", "pair_by_records"]
 
 METRICS = ("fad", "fd", "kl", "imsm", "clap")
-_NEEDS_REFERENCE = ("fad", "fd", "kl")
+#: the metrics that compare against reference audio (the others need captions and images)
+NEEDS_REFERENCE = ("fad", "fd", "kl")
 _NEEDS_MANIFEST = ("imsm", "clap")
 
 
@@ -278,7 +279,7 @@ def evaluate(
         raise ValueError(f"kl_variant: expected one of {KL_VARIANTS}, got {kl_variant!r}")
     if imsm_mode not in IMSM_MODES:
         raise ValueError(f"imsm_mode: expected one of {IMSM_MODES}, got {imsm_mode!r}")
-    needs_ref = [m for m in names if m in _NEEDS_REFERENCE]
+    needs_ref = [m for m in names if m in NEEDS_REFERENCE]
     if needs_ref and reference is None:
         raise ValueError(f"reference: the metrics {', '.join(needs_ref)} need a reference directory")
     gen_files, ref_files = input_files(generated, reference, needs_reference=bool(needs_ref))
