@@ -93,6 +93,10 @@ def test_empty_paths_are_refused(tmp_path, capsys, monkeypatch):
     (["--rows", "0"], "--rows"),
     (["--seed", "-1", "--rows", "1"], "--seed"),
     (["--start", "-1", "--rows", "1"], "--start"),
+    (["--families", "triangle,hexagon", "--rows", "1"], "--families"),
+    (["--sizes", "160x", "--rows", "1"], "--sizes"),
+    (["--sizes", "4x4", "--rows", "1"], "--sizes"),
+    (["--jpeg", "0", "--rows", "1"], "--jpeg"),
 ])
 def test_synthetic_bad_numbers(tmp_path, capsys, argv, word):
     _one_error(*_run(capsys, "synthetic", tmp_path / "s", *argv), word)
@@ -108,3 +112,16 @@ def test_synthetic_bad_folders(tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "keep" and os.path.islink(tmp_path / "dangling")
     if Path("/proc/self").is_dir():  # a folder that cannot be made: an OSError naming the folder
         _one_error(*_run(capsys, "synthetic", "/proc/melfusion-x", "--rows", 1), "folder", "/proc/melfusion-x")
+
+
+def test_synthetic_families_sizes_and_jpeg(tmp_path, capsys):
+    import json
+
+    code, _ = _run(capsys, "synthetic", tmp_path / "g", "--rows", 16, "--families", "heldout", "--sizes",
+                      "160x120, 40x90", "--jpeg", 50)
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "g" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["family"] for r in rows] == ["triangle"] * 8 + ["gradient"] * 8
+    assert {(r["width"], r["height"]) for r in rows} == {(160, 120)} and {r["jpeg"] for r in rows} == {50}
+    code, _ = _run(capsys, "synthetic", tmp_path / "t", "--rows", 8, "--augment")
+    assert code == 0 and "family" in (tmp_path / "t" / "manifest.jsonl").read_text()

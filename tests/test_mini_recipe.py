@@ -42,3 +42,24 @@ def test_mini_data_is_reused_and_held_out(tmp_path):
     assert train.stat().st_mtime_ns == stamp  # not rewritten
     train_images = {json.loads(line)["img_path"] for line in train.read_text().splitlines()}
     assert not train_images & {json.loads(line)["img_path"] for line in heldout.read_text().splitlines()}
+
+
+def test_an_augmented_recipe_trains_on_other_families_and_keeps_the_heldout_set(tmp_path):
+    import pytest
+
+    from melfusion.datasets.synthetic import TRAIN_FAMILIES
+
+    classic_train, classic_heldout = write_mini_data(tmp_path / "classic", _recipe())
+    train, heldout = write_mini_data(tmp_path / "augmented", _recipe(augment=True))
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    assert {r["family"] for r in rows} <= set(TRAIN_FAMILIES) and len(rows) == 8
+    assert heldout.read_bytes() == classic_heldout.read_bytes()
+    # switching augmentation on in an existing folder rewrites the training set, not silently reusing it
+    write_mini_data(tmp_path / "classic", _recipe(augment=True, families=("noise",)))
+    assert {json.loads(line)["family"] for line in classic_train.read_text().splitlines()} == {"noise"}
+    with pytest.raises(ValueError, match="families"):
+        _recipe(augment=True, families=("hexagon",))
+    with pytest.raises(ValueError, match="sampling"):
+        _recipe(sampling=[("image_guidance_scale", 7.0)])
+    cfg = _recipe(sampling={"image_guidance_scale": 7.0}).model_config()
+    assert cfg.sampling.image_guidance_scale == 7.0

@@ -43,6 +43,7 @@ __all__ = [
     "COLOURS", "SHADES", "REGISTERS", "TEMPOS", "TEMPO_OF_COLOUR", "INSTRUMENTS", "MOODS", "ATTRIBUTES",
     "IMAGE_ATTRIBUTES", "TEXT_ATTRIBUTES",
     "SyntheticItem", "synthetic_item", "render_image", "render_audio", "write_synthetic_manifest",
+    "PICTURE_FAMILIES", "TRAIN_FAMILIES", "HELDOUT_FAMILIES", "HELDOUT_SIZES", "render_picture", "jpeg_bytes",
     "read_attributes", "attribute_accuracy", "CHANCE",
 ]
 
@@ -180,7 +181,9 @@ def render_audio(item: SyntheticItem, seconds: float, sample_rate: int, rng: np.
 
 
 def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float = 2.56, sample_rate: int = 16000,
-                             image_size: int = 64, seed: int = 0, start: int = 0, overwrite: bool = False) -> Path:
+                             image_size: int = 64, seed: int = 0, start: int = 0, overwrite: bool = False,
+                             families: Sequence[str] | None = None, sizes: Sequence[tuple[int, int]] | None = None,
+                             jpeg_quality: int | None = None, augment: bool = False) -> Path:
     """Write ``n`` triplets (``audio/*.wav`` PCM_16, ``images/*.png``) and ``manifest.jsonl`` under ``folder``.
 
     Each manifest row has the standard columns ``captions``, ``location`` and ``img_path`` (relative paths)
@@ -193,31 +196,113 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
     changes nothing); a folder holding other or different files (another set's manifest, anyone's data)
     is refused, naming them, before anything is written, unless ``overwrite=True``, which replaces this
     set's files and keeps the rest (see :mod:`melfusion.datasets.writing`).
+
+    Other pictures (:func:`render_picture`; with any of these set, each row also records its ``family``,
+    ``width``, ``height`` and ``jpeg`` quality, ``null`` for PNG):
+
+    - ``families``, ``sizes``: the picture families and ``(width, height)`` sizes, cycled in blocks of 8
+      consecutive items (from a ``start`` that is a multiple of 8, a block holds every colour and shade
+      once): block ``b`` has family
+      ``families[b % len(families)]`` and size ``sizes[(b // len(families)) % len(sizes)]``. Defaults: the
+      ``disc`` family and ``image_size`` square.
+    - ``jpeg_quality``: every picture saved as a JPEG of that quality (``images/*.jpg``).
+    - ``augment``: training augmentation instead of cycling: each picture draws its family from ``families``
+      (default :data:`TRAIN_FAMILIES`), its size (half of them ``image_size`` square, the rest 32-320 px a
+      side with aspect ratios from 1:2.5 to 2.5:1), its saturation (0.6-0.95), a wider hue jitter, and, for
+      three in ten, JPEG compression at quality 25-90.
     """
     check_positive_ints(n=n, sample_rate=sample_rate, image_size=image_size)
+    pictures = _picture_plan(n, seed, image_size, families, sizes, jpeg_quality, augment)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start: expected a non-negative integer, got {start!r}")
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and np.isfinite(seconds) and seconds < 0.5:
         raise ValueError(f"seconds: expected a number of seconds >= 0.5, got {seconds!r}")
     check_sizes(seconds=seconds, sample_rate=sample_rate, image_size=image_size, low=0.0)
     folder = Path(folder)
-    names = [(i, f"audio/syn_{i:05d}.wav", f"images/syn_{i:05d}.png") for i in range(start, start + n)]
+    def image_name(i: int, k: int) -> str:
+        jpeg = pictures is not None and pictures[k]["jpeg"] is not None
+        return f"images/syn_{i:05d}.{'jpg' if jpeg else 'png'}"
+
+    names = [(i, f"audio/syn_{i:05d}.wav", image_name(i, k)) for k, i in enumerate(range(start, start + n))]
     planned = [p for _, audio, image in names for p in (audio, image)] + ["attributes.json", "manifest.jsonl"]
 
     def files():
         rng = np.random.default_rng(seed)
         lines = []
-        for i, audio, image in names:
+        for k, (i, audio, image) in enumerate(names):
             item = synthetic_item(i, rng)
             yield audio, wav_bytes(render_audio(item, seconds, sample_rate, rng), sample_rate)
-            yield image, png_bytes(render_image(item, image_size, rng))
             row = {"captions": item.caption, "location": audio, "img_path": image, **item.labels()}
+            if pictures is None:
+                yield image, png_bytes(render_image(item, image_size, rng))
+            else:
+                plan = pictures[k]
+                picture = render_picture(item.colour, item.shade, rng, plan["family"], plan["size"],
+                                         saturation=plan["saturation"], hue_jitter=plan["hue_jitter"])
+                quality = plan["jpeg"]
+                yield image, png_bytes(picture) if quality is None else jpeg_bytes(picture, quality)
+                row.update(family=plan["family"], width=plan["size"][0], height=plan["size"][1], jpeg=quality)
             lines.append(json.dumps(row) + "\n")
         yield "attributes.json", json.dumps(_classes(seconds, sample_rate, seed), indent=2).encode("utf-8")
         yield "manifest.jsonl", "".join(lines).encode("utf-8")
 
     write_dataset_folder(folder, planned, files, overwrite=overwrite)
     return folder / "manifest.jsonl"
+
+
+def _picture_plan(n: int, seed: int, image_size: int, families, sizes, jpeg_quality, augment) -> list[dict] | None:
+    """Each item's picture settings (family, size, saturation, hue jitter, JPEG quality), or ``None`` for the
+    classic pictures (:func:`render_image`, byte for byte as before these options existed)."""
+    if families is None and sizes is None and jpeg_quality is None and not augment:
+        return None
+    if not isinstance(augment, bool):
+        raise ValueError(f"augment: expected True or False, got {augment!r}")
+    if families is not None:
+        if isinstance(families, str) or not families:
+            raise ValueError(f"families: expected a non-empty list of family names, got {families!r}")
+        for f in families:
+            if f not in PICTURE_FAMILIES:
+                raise ValueError(f"families: unknown family {f!r}; expected some of {', '.join(PICTURE_FAMILIES)}")
+    if sizes is not None:
+        if isinstance(sizes, (str, bytes)) or not sizes:
+            raise ValueError(f"sizes: expected a non-empty list of (width, height) pairs, got {sizes!r}")
+        for pair in sizes:
+            ok = (isinstance(pair, Sequence) and len(pair) == 2
+                  and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and 8 <= x <= 4096
+                          for x in pair))
+            if not ok:
+                raise ValueError(f"sizes: expected (width, height) pairs of 8-4096 pixels, got {pair!r}")
+    if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, (int, np.integer))
+                                     or not 1 <= jpeg_quality <= 95):
+        raise ValueError(f"jpeg_quality: expected an integer from 1 to 95 or None, got {jpeg_quality!r}")
+    plan = []
+    if augment:
+        pool = list(families) if families is not None else list(TRAIN_FAMILIES)
+        draw = np.random.default_rng([seed, 17])  # its own stream: the captions and audio keep theirs
+        for _ in range(n):
+            family = pool[int(draw.integers(len(pool)))]
+            if sizes is not None:
+                size = tuple(int(x) for x in sizes[int(draw.integers(len(sizes)))])
+            elif draw.uniform() < 0.5:
+                size = (image_size, image_size)
+            else:
+                aspect = float(np.exp(draw.uniform(np.log(0.4), np.log(2.5))))
+                long_side = int(draw.integers(48, 321))
+                short = max(32, int(round(long_side / max(aspect, 1 / aspect))))
+                size = (long_side, short) if aspect >= 1 else (short, long_side)
+            quality = jpeg_quality
+            if quality is None and draw.uniform() < 0.3:
+                quality = int(draw.integers(25, 91))
+            plan.append({"family": family, "size": size, "saturation": float(draw.uniform(0.6, 0.95)),
+                         "hue_jitter": 0.04, "jpeg": quality})
+        return plan
+    fams = list(families) if families is not None else ["disc"]
+    szs = [tuple(int(x) for x in s) for s in sizes] if sizes is not None else [(image_size, image_size)]
+    for k in range(n):
+        block = k // 8
+        plan.append({"family": fams[block % len(fams)], "size": szs[(block // len(fams)) % len(szs)],
+                     "saturation": None, "hue_jitter": 0.025, "jpeg": jpeg_quality})
+    return plan
 
 
 def _classes(seconds: float, sample_rate: int, seed: int) -> dict[str, Any]:
@@ -231,6 +316,144 @@ def _classes(seconds: float, sample_rate: int, seed: int) -> dict[str, Any]:
             "mood": [{"name": c, "words": list(w), "gate": g} for c, w, g, _ in MOODS],
             "image_attributes": list(IMAGE_ATTRIBUTES), "text_attributes": list(TEXT_ATTRIBUTES),
             "chance": CHANCE, "seconds": seconds, "sample_rate": sample_rate, "seed": seed}
+
+
+# ---------------------------------------------------------------------------------------------
+# picture families: the same two properties (hue and HSV value) on other shapes, sizes and formats
+
+#: every picture family :func:`render_picture` draws; ``disc`` is :func:`render_image`'s picture
+PICTURE_FAMILIES = ("disc", "square", "stripes", "noise", "ring", "triangle", "gradient", "checker", "photo",
+                    "plain")
+#: the families the shipped mini model was trained on
+TRAIN_FAMILIES = ("disc", "square", "stripes", "noise", "ring")
+#: families it never saw in training: the generalisation test's pictures
+HELDOUT_FAMILIES = ("triangle", "gradient", "checker", "photo", "plain")
+#: picture sizes (width, height) of the generalisation test; the library resizes every picture to the image
+#: LDM's resolution as it does any user's
+HELDOUT_SIZES = ((160, 120), (300, 300), (40, 90))
+_TINT_SAT, _TINT_VALUE = 0.45, 0.08  # a shape's paler tint: saturation, value above the field
+
+
+def _photo_luminance(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A random crop of a real photograph (Grace Hopper's portrait, public domain, shipped with matplotlib),
+    as luminance in [0, 1] at ``width x height``."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    with Image.open(path) as im:
+        gray = im.convert("L")
+        w, h = gray.size
+        cw, ch = int(w * rng.uniform(0.4, 1.0)), int(h * rng.uniform(0.4, 1.0))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = gray.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.Resampling.BICUBIC)
+    lum = np.asarray(crop, dtype=np.float64) / 255
+    if rng.uniform() < 0.5:
+        lum = lum[:, ::-1]
+    span = np.percentile(lum, 98) - np.percentile(lum, 2)
+    return np.clip((lum - np.percentile(lum, 2)) / max(span, 1e-3), 0, 1)
+
+
+def _smooth_noise(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Value noise in [-1, 1]: a coarse random grid, bicubically upsampled."""
+    cells = int(rng.integers(3, 9))
+    grid = rng.uniform(0, 255, size=(cells, cells)).astype(np.uint8)
+    up = Image.fromarray(grid, "L").resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(up, dtype=np.float64) / 127.5 - 1
+
+
+def render_picture(colour: int, shade: int, rng: np.random.Generator, family: str = "disc",
+                   size: tuple[int, int] = (64, 64), saturation: float | None = None,
+                   hue_jitter: float = 0.025) -> Image.Image:
+    """A ``size = (width, height)`` RGB picture of ``family`` whose hue is colour ``colour``'s and whose HSV
+    value is shade ``shade``'s (both jittered a little), as the music of the synthetic world reads them.
+
+    ``disc`` at a square size is :func:`render_image`'s picture, byte for byte for the same generator state.
+    The others keep the field's hue and keep the picture's mean value within 0.1 of the shade's: ``square``,
+    ``ring`` and ``triangle`` put 1-4 shapes of a paler tint on the field, ``stripes`` alternate the field
+    and the tint in bands, ``checker`` in squares, ``gradient`` ramps the value (and the saturation) across the
+    picture in a random direction, ``noise`` modulates it with smooth value noise, ``photo`` with a crop of a
+    real photograph's luminance (tinted), and ``plain`` is the field alone.
+    """
+    if family not in PICTURE_FAMILIES:
+        raise ValueError(f"family: expected one of {', '.join(PICTURE_FAMILIES)}, got {family!r}")
+    width, height = (int(size[0]), int(size[1]))
+    if width < 1 or height < 1:
+        raise ValueError(f"size: expected a positive (width, height), got {size!r}")
+    if family == "disc" and width == height and saturation is None and hue_jitter == 0.025:
+        item = SyntheticItem(colour, shade, 0, 0, "")
+        return render_image(item, width, rng)
+    hue = (COLOURS[colour][1] + rng.uniform(-hue_jitter, hue_jitter)) % 1.0
+    value = SHADES[shade][1] + rng.uniform(-0.04, 0.04)
+    base_sat = 0.85 if saturation is None else saturation
+    yy, xx = np.mgrid[0:height, 0:width]
+    u, v = (xx + 0.5) / width, (yy + 0.5) / height  # 0..1 across each side
+    sat = np.full((height, width), base_sat)
+    val = np.full((height, width), value)
+    tint = np.zeros((height, width), dtype=bool)
+    if family == "disc":
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.uniform(0.15, 0.85, size=2)
+            radius = rng.uniform(0.08, 0.2)
+            tint |= (u - cx) ** 2 + (v - cy) ** 2 < radius**2
+    elif family == "square":
+        for _ in range(rng.integers(1, 5)):
+            cx, cy = rng.uniform(0.15, 0.85, size=2)
+            half = rng.uniform(0.06, 0.2)
+            tint |= (np.abs(u - cx) < half) & (np.abs(v - cy) < half * rng.uniform(0.6, 1.6))
+    elif family == "ring":
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.uniform(0.2, 0.8, size=2)
+            radius, width_r = rng.uniform(0.1, 0.25), rng.uniform(0.02, 0.06)
+            d = np.sqrt((u - cx) ** 2 + (v - cy) ** 2)
+            tint |= np.abs(d - radius) < width_r
+    elif family == "stripes":
+        bands = int(rng.integers(3, 9))
+        along = u if rng.uniform() < 0.5 else v
+        tint = (np.floor(along * bands) % 2).astype(bool)
+    elif family == "checker":
+        cells = int(rng.integers(2, 7))
+        tint = ((np.floor(u * cells) + np.floor(v * cells)) % 2).astype(bool)
+    elif family == "triangle":
+        mask = Image.new("L", (width, height), 0)
+        draw = ImageDraw.Draw(mask)
+        for _ in range(rng.integers(1, 4)):
+            cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
+            r = rng.uniform(0.1, 0.25) * min(width, height) + 1
+            angle = rng.uniform(0, 2 * np.pi)
+            points = [(cx + r * np.cos(angle + k * 2 * np.pi / 3), cy + r * np.sin(angle + k * 2 * np.pi / 3))
+                      for k in range(3)]
+            draw.polygon(points, fill=255)
+        tint = np.asarray(mask) > 0
+    elif family == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (u - 0.5) * np.cos(angle) + (v - 0.5) * np.sin(angle)
+        ramp = ramp / max(np.abs(ramp).max(), 1e-6)  # -1..1
+        val = val + 0.08 * ramp
+        sat = sat - 0.15 * ramp
+    elif family == "noise":
+        noise = _smooth_noise(width, height, rng)
+        val = val + 0.08 * noise
+        sat = sat + 0.1 * _smooth_noise(width, height, rng)
+    elif family == "photo":
+        lum = _photo_luminance(width, height, rng)
+        val = val + 0.16 * (lum - lum.mean())
+        sat = sat * (0.8 + 0.2 * (1 - lum))
+    sat[tint] = _TINT_SAT
+    val[tint] = np.minimum(val[tint] + _TINT_VALUE, 1.0)
+    sat = sat + 0.03 * rng.standard_normal((height, width))
+    val = val + 0.03 * rng.standard_normal((height, width))
+    hsv = np.stack([np.full((height, width), hue), np.clip(sat, 0, 1), np.clip(val, 0, 1)], axis=-1)
+    pixels = np.ascontiguousarray(np.round(hsv * 255).astype(np.uint8))
+    return Image.frombytes("HSV", (width, height), pixels.tobytes()).convert("RGB")
+
+
+def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+    """``image`` as baseline JPEG bytes at ``quality`` (1-95)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

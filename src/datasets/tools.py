@@ -634,7 +634,47 @@ def add_data_parser(sub) -> None:
     y.add_argument("--rows", type=int, default=96, help="rows (default 96: each attribute combination twice)")
     y.add_argument("--seed", type=int, default=1000, help="default 1000: the mini recipe's held-out seed")
     y.add_argument("--start", type=int, default=100_000, help="first item number (default: the held-out items)")
+    y.add_argument("--families", default=None,
+                   help="picture families, comma-separated, cycled in blocks of 8 rows (e.g. triangle,photo; "
+                        "'heldout' for the generalisation test's five; default: the classic discs)")
+    y.add_argument("--sizes", default=None,
+                   help="picture sizes WxH, comma-separated, cycled after the families (e.g. 160x120,40x90; "
+                        "'heldout' for the generalisation test's three; default: 64x64)")
+    y.add_argument("--jpeg", type=int, default=None, help="save every picture as a JPEG of this quality (1-95)")
+    y.add_argument("--augment", action="store_true",
+                   help="training pictures: random families, sizes, saturations and JPEG compression")
     y.set_defaults(func=_run_synthetic)
+
+
+def _synthetic_families(text: str | None) -> list[str] | None:
+    from .synthetic import HELDOUT_FAMILIES, PICTURE_FAMILIES
+
+    if text is None:
+        return None
+    if text.strip() == "heldout":
+        return list(HELDOUT_FAMILIES)
+    names = [t.strip() for t in text.split(",")]
+    bad = [n for n in names if n not in PICTURE_FAMILIES]
+    if bad or not names:
+        raise ValueError(f"--families: unknown family {bad[0] if bad else text!r}; expected some of "
+                         f"{', '.join(PICTURE_FAMILIES)} or 'heldout'")
+    return names
+
+
+def _synthetic_sizes(text: str | None) -> list[tuple[int, int]] | None:
+    from .synthetic import HELDOUT_SIZES
+
+    if text is None:
+        return None
+    if text.strip() == "heldout":
+        return [tuple(s) for s in HELDOUT_SIZES]
+    sizes = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d{1,4})\s*x\s*(\d{1,4})\s*", part)
+        if not match or not all(8 <= int(g) <= 4096 for g in match.groups()):
+            raise ValueError(f"--sizes: expected WxH pairs of 8-4096 pixels such as 160x120, got {part.strip()!r}")
+        sizes.append((int(match.group(1)), int(match.group(2))))
+    return sizes
 
 
 def _run_synthetic(args) -> int:
@@ -656,8 +696,12 @@ def _run_synthetic(args) -> int:
         raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
     if args.start < 0:
         raise ValueError(f"--start: expected a non-negative integer, got {args.start}")
+    if args.jpeg is not None and not 1 <= args.jpeg <= 95:
+        raise ValueError(f"--jpeg: expected a quality from 1 to 95, got {args.jpeg}")
+    families, sizes = _synthetic_families(args.families), _synthetic_sizes(args.sizes)
     try:
-        path = write_synthetic_manifest(folder, n=args.rows, seed=args.seed, start=args.start)
+        path = write_synthetic_manifest(folder, n=args.rows, seed=args.seed, start=args.start, families=families,
+                                        sizes=sizes, jpeg_quality=args.jpeg, augment=args.augment)
     except OSError as exc:
         if not exc.strerror:
             raise

@@ -52,6 +52,13 @@ class MiniRecipe:
     image_dropout: float = 0.1
     #: overrides of the model config's ``synapse`` section (ablation variants), e.g. {"enabled": False}
     synapse: dict[str, Any] = field(default_factory=dict)
+    #: training pictures of several families, sizes, saturations and JPEG qualities
+    #: (``write_synthetic_manifest(augment=True)``) instead of the classic discs at 64 px
+    augment: bool = False
+    #: the families an augmented training set draws from (default: ``TRAIN_FAMILIES``)
+    families: tuple[str, ...] | None = None
+    #: overrides of the model config's ``sampling`` section, e.g. {"image_guidance_scale": 7.0}
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # checked here, not after the image stages have run for minutes
@@ -64,14 +71,25 @@ class MiniRecipe:
             finite_float(getattr(self, name), name, low=0.0, low_open=True)
         for name in ("text_dropout", "image_dropout"):
             finite_float(getattr(self, name), name, low=0.0, high=1.0)
-        if not isinstance(self.synapse, dict):
-            raise ValueError(f"synapse: expected a mapping of synapse config fields, got {self.synapse!r}")
+        for name in ("synapse", "sampling"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}: expected a mapping of {name} config fields, got {getattr(self, name)!r}")
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment: expected True or False, got {self.augment!r}")
+        if self.families is not None:
+            from ..datasets.synthetic import PICTURE_FAMILIES
+
+            self.families = tuple(self.families)
+            unknown = [f for f in self.families if f not in PICTURE_FAMILIES]
+            if not self.families or unknown:
+                raise ValueError(f"families: expected some of {', '.join(PICTURE_FAMILIES)}, got {self.families!r}")
 
     def model_config(self) -> MelFusionConfig:
         cfg = MelFusionConfig.preset("mini")
-        if self.synapse:
+        if self.synapse or self.sampling:
             data = cfg.to_dict()
             data["synapse"].update(self.synapse)
+            data["sampling"].update(self.sampling)
             cfg = MelFusionConfig.model_validate(data)
         return cfg
 
@@ -87,9 +105,13 @@ def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tup
                                  ("heldout", recipe.n_heldout, recipe.seed + 1000, 100_000)):
         manifest = folder / name / "manifest.jsonl"
         stamp = folder / name / ".complete"
-        want = json.dumps({"n": n, "seed": seed, "start": start})
+        extra: dict[str, Any] = {}
+        if name == "train" and recipe.augment:
+            extra = {"augment": True, "families": list(recipe.families) if recipe.families else None}
+        want = json.dumps({"n": n, "seed": seed, "start": start, **extra})
         if not (stamp.is_file() and stamp.read_text() == want and manifest.is_file()):
-            write_synthetic_manifest(folder / name, n=n, seed=seed, start=start, overwrite=True)  # a changed recipe
+            # a changed recipe
+            write_synthetic_manifest(folder / name, n=n, seed=seed, start=start, overwrite=True, **extra)
             write_atomic(stamp, want)
         out.append(manifest)
     return out[0], out[1]
