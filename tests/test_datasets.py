@@ -401,3 +401,17 @@ def test_toy_hue_sets_the_pitch_and_the_caption_the_loudness(tmp_path):
     for t in rows:
         loudness[t.caption] = float(np.abs(sf.read(t.audio)[0]).max())
     assert loudness["a soft flute tone"] < loudness["a pulsing organ tone"] < loudness["a bright plucked tone"]
+
+
+def test_a_dataset_without_images_never_opens_them(tmp_path):
+    # a text-only model trains on a manifest whose pictures differ in size (or are unreadable): nothing to stack
+    from melfusion.datasets import TripletDataset, collate_triplets
+    from melfusion.datasets.manifest import read_manifest, validate_manifest
+    from melfusion.datasets.synthetic import write_synthetic_manifest
+
+    manifest = write_synthetic_manifest(tmp_path, n=3, seconds=0.5, sizes=[(40, 90), (64, 64)], augment=True)
+    rows = validate_manifest(read_manifest(manifest)).good
+    Path(rows[0].image).write_bytes(b"not a picture")  # this test's own file
+    data = TripletDataset(rows, sample_rate=16000, seconds=0.5, image_size=None, images=False)
+    batch = collate_triplets([data[i] for i in range(3)])
+    assert batch["image"] is None and batch["audio"].shape == (3, 8000)

@@ -34,13 +34,14 @@ class TripletDataset(torch.utils.data.Dataset):
     samples. With ``random_crop`` the window start is drawn from ``np.random.default_rng([seed, epoch,
     index])``, so it depends only on (seed, epoch, index): a resumed run that calls ``set_epoch`` sees the
     same crops, whatever the worker or batch order. Without it the window is the start of the clip.
-    Images: see :func:`square_image`; ``image_size=None`` keeps their size (then a batch needs equal sizes).
+    Images: see :func:`square_image`; ``image_size=None`` keeps their size (then a batch needs equal sizes);
+    ``images=False`` never opens them (every item's ``image`` is None: a model without a synapse).
     A file longer than :func:`~melfusion.datasets.audio.max_audio_seconds` of ``seconds`` (100 windows, at
     least an hour) is refused before it is decoded, as are truncated, corrupt or non-finite ones.
     """
 
     def __init__(self, rows: Sequence[Triplet], *, sample_rate: int, seconds: float, image_size: int | None,
-                 random_crop: bool = False, seed: int = 0):
+                 random_crop: bool = False, seed: int = 0, images: bool = True):
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
             raise ValueError(f"sample_rate: expected a positive integer, got {sample_rate!r}")
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not np.isfinite(seconds) \
@@ -63,6 +64,7 @@ class TripletDataset(torch.utils.data.Dataset):
         self.seconds = float(seconds)
         self.num_samples = int(round(seconds * sample_rate))
         self.image_size = None if image_size is None else int(image_size)
+        self.images = bool(images)  # False: never open the rows' pictures (a model without a synapse)
         self.random_crop = bool(random_crop)
         self.seed = int(seed)
         self.epoch = 0
@@ -93,7 +95,7 @@ class TripletDataset(torch.utils.data.Dataset):
                           max_seconds=max_audio_seconds(self.seconds))
         wave = fit_length(wave, self.num_samples, rng=self.crop_rng(index))
         image = None
-        if row.image is not None:
+        if row.image is not None and self.images:
             im = open_image(row.image, f"row {row.row} image")
             if self.image_size is not None:
                 im = square_image(im, self.image_size)

@@ -437,7 +437,8 @@ class Trainer:
                                 "rows": len(self.rows)} if acc.is_main_process else None
         image_size = self.model.feature_source.resolution if needs_image else None
         self.dataset = TripletDataset(self.rows, sample_rate=self.model.config.sample_rate, seconds=self.seconds,
-                                      image_size=image_size, random_crop=c.data.random_crop, seed=c.seed)
+                                      image_size=image_size, random_crop=c.data.random_crop, seed=c.seed,
+                                      images=needs_image)
 
     def _loader(self, start_micro: int):
         from ..datasets import collate_triplets
