@@ -3,8 +3,9 @@
     python benchmarks/ablation.py --output runs/ablation                    # the figures in docs/mini.md
     python benchmarks/ablation.py --output runs/ablation --music-steps 300  # a quicker, rougher look
 
-Every variant is the ``mini`` recipe (``melfusion.training.mini``) trained from scratch with the same
-seed, data and steps; they share one image LDM (trained by the first variant), which is frozen in all of
+Every variant is the classic ``mini`` recipe (``melfusion.training.mini`` with ``augment=False``: the
+64 px disc pictures; benchmarks/recipe_ablation.py measures the augmented recipe) trained from scratch with
+the same seed, data and steps; they share one image LDM (trained by the first variant), which is frozen in all of
 them, as in the paper. Variants:
 
 - ``decoder / per-layer alpha``: the paper's best row (one alpha per decoder layer);
@@ -39,9 +40,10 @@ from melfusion.training.mini import MiniRecipe, train_mini
 IMAGE_DECODER = None  # the preset's default: every decoder transformer layer, paired in order
 ENCODER = {"image_layers": ["down_blocks.1.attentions.0", "down_blocks.2.attentions.0"],
            "music_layers": ["down_blocks.2.attentions.0", "down_blocks.3.attentions.0"]}
+DECODER = {"image_layers": None, "music_layers": None}  # every decoder transformer layer, paired in order
 VARIANTS = {
-    "decoder-per-layer": {},
-    "decoder-shared": {"mixer": {"name": "convex", "params": {"init": 0.5, "shared": True}}},
+    "decoder-per-layer": DECODER,
+    "decoder-shared": {**DECODER, "mixer": {"name": "convex", "params": {"init": 0.5, "shared": True}}},
     "encoder-per-layer": ENCODER,
     "text-only": {"enabled": False},
 }
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     image_from = args.image_from
     for name in args.variants:
-        recipe = MiniRecipe(music_steps=args.music_steps, synapse=VARIANTS[name])
+        # the classic recipe these tables were measured with: 64 px disc pictures, no augmentation
+        recipe = MiniRecipe(music_steps=args.music_steps, synapse=VARIANTS[name], augment=False, n_image=None)
         folder = out / name
         model_dir = folder / "model"
         start = time.perf_counter()

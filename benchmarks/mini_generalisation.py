@@ -38,7 +38,7 @@ from melfusion.metrics.synthetic import score_synthetic
 
 
 def _cell(p: float, n: int) -> str:
-    return f"{100 * p:.0f} ± {100 * math.sqrt(max(p * (1 - p), 0.25 / n) / n):.1f}" if n else "-"
+    return f"{100 * p:.0f} ± {100 * math.sqrt(p * (1 - p) / n):.1f}" if n else "-"
 
 
 def _groups(rows: list[dict], score, key) -> dict[str, dict[str, float]]:

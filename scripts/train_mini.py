@@ -26,16 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/mini", help="run folder (default: runs/mini)")
     parser.add_argument("--install", action="store_true", help=f"copy the trained model to {SHIPPED}")
+    parser.add_argument("--image-from", default=None,
+                        help="reuse the frozen image LDM of this trained mini model instead of training one")
     for f in dataclasses.fields(MiniRecipe):
-        if f.type in ("int", "float", int, float):
-            kind = int if f.type in ("int", int) else float
+        if f.type in ("int", "float", int, float, "int | None"):
+            kind = float if f.type in ("float", float) else int
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                                 help=f"(default: {f.default})")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=MiniRecipe.augment,
+                        help="training pictures of several families, sizes and JPEG qualities; --no-augment: "
+                             f"the classic 64 px discs (default: {MiniRecipe.augment})")
     args = parser.parse_args(argv)
     recipe = MiniRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MiniRecipe)
                            if hasattr(args, f.name)})
     start = time.perf_counter()
-    model = train_mini(args.output, recipe)
+    model = train_mini(args.output, recipe, image_from=args.image_from)
     print(f"trained {model} in {(time.perf_counter() - start) / 60:.1f} min")
     if args.install:
         from melfusion.files import replace_folder

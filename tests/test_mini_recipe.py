@@ -9,6 +9,7 @@ from melfusion.training.mini import MiniRecipe, train_mini, write_mini_data
 
 
 def _recipe(**kw):
+    kw.setdefault("n_image", 12)  # the shipped recipe's image LDM sees more pictures than the music (960)
     return MiniRecipe(n_train=8, n_heldout=4, image_vae_steps=3, image_unet_steps=3, music_steps=2,
                       batch_size=4, inversion_steps=4, **kw)
 
@@ -18,7 +19,7 @@ def test_train_mini_end_to_end_then_a_variant_on_the_same_image_ldm(tmp_path):
     model = mf.MelFusion.from_pretrained(model_dir)
     summary = json.loads((tmp_path / "run" / "mini_summary.json").read_text())
     assert set(summary["timings"]) == {"data_s", "image_ldm_s", "music_s"}
-    assert len(summary["alphas"]) == 4
+    assert len(summary["alphas"]) == 2  # the mini preset's two encoder layer pairs
     # the trained VAE's latent scale travels with the saved config
     scale = model.config.feature_source.params["vae"]["config"]["scaling_factor"]
     assert scale == model.feature_source.vae.config.scaling_factor != 0.18215
@@ -49,7 +50,7 @@ def test_an_augmented_recipe_trains_on_other_families_and_keeps_the_heldout_set(
 
     from melfusion.datasets.synthetic import TRAIN_FAMILIES
 
-    classic_train, classic_heldout = write_mini_data(tmp_path / "classic", _recipe())
+    classic_train, classic_heldout = write_mini_data(tmp_path / "classic", _recipe(augment=False, n_image=None))
     train, heldout = write_mini_data(tmp_path / "augmented", _recipe(augment=True))
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     assert {r["family"] for r in rows} <= set(TRAIN_FAMILIES) and len(rows) == 8
@@ -63,3 +64,19 @@ def test_an_augmented_recipe_trains_on_other_families_and_keeps_the_heldout_set(
         _recipe(sampling=[("image_guidance_scale", 7.0)])
     cfg = _recipe(sampling={"image_guidance_scale": 7.0}).model_config()
     assert cfg.sampling.image_guidance_scale == 7.0
+
+
+def test_the_image_ldm_can_train_on_more_pictures_than_the_music(tmp_path):
+    from melfusion.training.mini import image_manifest
+
+    assert MiniRecipe().augment and MiniRecipe().n_image == 960  # the shipped recipe's
+    recipe = _recipe(augment=True, n_image=12)
+    train, _ = write_mini_data(tmp_path, recipe)
+    pictures = image_manifest(tmp_path, recipe)
+    assert pictures != train and image_manifest(tmp_path, _recipe(n_image=None)) == train
+    train_rows = train.read_text().splitlines()
+    picture_rows = pictures.read_text().splitlines()
+    assert len(train_rows) == 8 and len(picture_rows) == 12
+    assert picture_rows[:8] == train_rows  # the music's pictures are the first of the image LDM's
+    for row in map(json.loads, train_rows):
+        assert (train.parent / row["img_path"]).read_bytes() == (pictures.parent / row["img_path"]).read_bytes()

@@ -30,15 +30,18 @@ from ..checks import finite_float, positive_int
 from ..config import MelFusionConfig
 from ..files import write_atomic
 
-__all__ = ["MiniRecipe", "train_mini", "write_mini_data"]
+__all__ = ["MiniRecipe", "train_mini", "write_mini_data", "image_manifest"]
 
 
 @dataclass
 class MiniRecipe:
-    """Settings of one run; the defaults are the shipped model's (about 40 min on a 2-core CPU)."""
+    """Settings of one run; the defaults are the shipped model's (about 45 min on a 2-core CPU)."""
 
     seed: int = 0
     n_train: int = 480  # 10 of each of the 48 attribute combinations
+    #: pictures the image LDM trains on (the training set's pictures and more of the same kind, written to
+    #: ``data/images``); ``None``: the music's training pictures
+    n_image: int | None = 960
     n_heldout: int = 96
     image_vae_steps: int = 400
     image_unet_steps: int = 600
@@ -54,7 +57,7 @@ class MiniRecipe:
     synapse: dict[str, Any] = field(default_factory=dict)
     #: training pictures of several families, sizes, saturations and JPEG qualities
     #: (``write_synthetic_manifest(augment=True)``) instead of the classic discs at 64 px
-    augment: bool = False
+    augment: bool = True
     #: the families an augmented training set draws from (default: ``TRAIN_FAMILIES``)
     families: tuple[str, ...] | None = None
     #: overrides of the model config's ``sampling`` section, e.g. {"image_guidance_scale": 7.0}
@@ -64,6 +67,8 @@ class MiniRecipe:
         # checked here, not after the image stages have run for minutes
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
+        if self.n_image is not None:
+            positive_int(self.n_image, "n_image")
         for name in ("n_train", "n_heldout", "image_vae_steps", "image_unet_steps", "music_steps", "batch_size",
                      "inversion_steps"):
             positive_int(getattr(self, name), name)
@@ -95,18 +100,21 @@ class MiniRecipe:
 
 
 def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tuple[Path, Path]:
-    """The training and held-out manifests under ``folder`` (``train/``, ``heldout/``); reused if present."""
+    """The training and held-out manifests under ``folder`` (``train/``, ``heldout/``; with ``n_image`` also
+    ``images/``, the image LDM's pictures: see :func:`image_manifest`); reused if present."""
     from ..datasets.synthetic import write_synthetic_manifest
 
     recipe = MiniRecipe() if recipe is None else recipe
     folder = Path(folder)
     out = []
-    for name, n, seed, start in (("train", recipe.n_train, recipe.seed, 0),
-                                 ("heldout", recipe.n_heldout, recipe.seed + 1000, 100_000)):
+    sets = [("train", recipe.n_train, recipe.seed, 0), ("heldout", recipe.n_heldout, recipe.seed + 1000, 100_000)]
+    if recipe.n_image is not None:
+        sets.append(("images", recipe.n_image, recipe.seed, 0))
+    for name, n, seed, start in sets:
         manifest = folder / name / "manifest.jsonl"
         stamp = folder / name / ".complete"
         extra: dict[str, Any] = {}
-        if name == "train" and recipe.augment:
+        if name in ("train", "images") and recipe.augment:
             extra = {"augment": True, "families": list(recipe.families) if recipe.families else None}
         want = json.dumps({"n": n, "seed": seed, "start": start, **extra})
         if not (stamp.is_file() and stamp.read_text() == want and manifest.is_file()):
@@ -115,6 +123,12 @@ def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tup
             write_atomic(stamp, want)
         out.append(manifest)
     return out[0], out[1]
+
+
+def image_manifest(folder: str | Path, recipe: MiniRecipe) -> Path:
+    """The manifest whose pictures the image LDM trains on: ``images/`` with ``n_image``, else ``train/``
+    (the first ``n_train`` items of ``images/`` are the training set's own pictures: same seed and items)."""
+    return Path(folder) / ("images" if recipe.n_image is not None else "train") / "manifest.jsonl"
 
 
 #: what the recipe writes in its output folder
@@ -175,7 +189,7 @@ def train_mini(output: str | Path = "runs/mini", recipe: MiniRecipe | None = Non
         source = MelFusion.from_pretrained(image_from)
         copy_image_model(fs, source.feature_source)
     else:
-        images = load_images(_image_paths(train_manifest), size=fs.resolution)
+        images = load_images(_image_paths(image_manifest(output / "data", recipe)), size=fs.resolution)
         losses["image_vae"] = train_image_vae(fs, images, steps=recipe.image_vae_steps, seed=recipe.seed,
                                               progress=progress)
         latents = torch.cat([fs.encode(images[i: i + 64]) for i in range(0, len(images), 64)])
