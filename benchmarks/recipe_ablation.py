@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                                  sizes=SIZES)
     image_from = args.image_from
     jobs = [(name, *VARIANTS[name]) for name in args.variants]
-    jobs += [(spec.split(":", 1)[-1], spec.split(":", 1)[-1], None, {}, spec.split(":", 1)[0])
-             for spec in args.score_only]
+    for spec in args.score_only:  # MODEL:NAME; fields None marks an existing model, reuse its folder
+        model_dir, _, name = spec.rpartition(":") if ":" in spec else (spec, "", spec)
+        jobs.append((name, name, None, {}, model_dir))
     for name, label, fields, sampling, reuse in jobs:
         if name in results:
             continue

@@ -27,6 +27,7 @@ higher), and the four hues pair up into the two tempos.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .toy import check_positive_ints, check_sizes
-from .writing import png_bytes, wav_bytes, write_dataset_folder
+from .writing import jpeg_bytes, png_bytes, wav_bytes, write_dataset_folder
 
 __all__ = [
     "COLOURS", "SHADES", "REGISTERS", "TEMPOS", "TEMPO_OF_COLOUR", "INSTRUMENTS", "MOODS", "ATTRIBUTES",
@@ -334,18 +335,22 @@ HELDOUT_SIZES = ((160, 120), (300, 300), (40, 90))
 _TINT_SAT, _TINT_VALUE = 0.45, 0.08  # a shape's paler tint: saturation, value above the field
 
 
-def _photo_luminance(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """A random crop of a real photograph (Grace Hopper's portrait, public domain, shipped with matplotlib),
-    as luminance in [0, 1] at ``width x height``."""
+@functools.lru_cache(maxsize=1)
+def _photo() -> Image.Image:
+    """Grace Hopper's portrait (public domain, shipped with matplotlib) in grey levels, decoded once."""
     import matplotlib
 
-    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    with Image.open(path) as im:
-        gray = im.convert("L")
-        w, h = gray.size
-        cw, ch = int(w * rng.uniform(0.4, 1.0)), int(h * rng.uniform(0.4, 1.0))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = gray.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.Resampling.BICUBIC)
+    with Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg") as im:
+        return im.convert("L")
+
+
+def _photo_luminance(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A random crop of a real photograph (:func:`_photo`), as luminance in [0, 1] at ``width x height``."""
+    gray = _photo()
+    w, h = gray.size
+    cw, ch = int(w * rng.uniform(0.4, 1.0)), int(h * rng.uniform(0.4, 1.0))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    crop = gray.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.Resampling.BICUBIC)
     lum = np.asarray(crop, dtype=np.float64) / 255
     if rng.uniform() < 0.5:
         lum = lum[:, ::-1]
@@ -445,15 +450,6 @@ def render_picture(colour: int, shade: int, rng: np.random.Generator, family: st
     hsv = np.stack([np.full((height, width), hue), np.clip(sat, 0, 1), np.clip(val, 0, 1)], axis=-1)
     pixels = np.ascontiguousarray(np.round(hsv * 255).astype(np.uint8))
     return Image.frombytes("HSV", (width, height), pixels.tobytes()).convert("RGB")
-
-
-def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
-    """``image`` as baseline JPEG bytes at ``quality`` (1-95)."""
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=int(quality))
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

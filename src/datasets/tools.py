@@ -655,8 +655,8 @@ def _synthetic_families(text: str | None) -> list[str] | None:
         return list(HELDOUT_FAMILIES)
     names = [t.strip() for t in text.split(",")]
     bad = [n for n in names if n not in PICTURE_FAMILIES]
-    if bad or not names:
-        raise ValueError(f"--families: unknown family {bad[0] if bad else text!r}; expected some of "
+    if bad:
+        raise ValueError(f"--families: unknown family {bad[0]!r}; expected some of "
                          f"{', '.join(PICTURE_FAMILIES)} or 'heldout'")
     return names
 
@@ -667,7 +667,7 @@ def _synthetic_sizes(text: str | None) -> list[tuple[int, int]] | None:
     if text is None:
         return None
     if text.strip() == "heldout":
-        return [tuple(s) for s in HELDOUT_SIZES]
+        return list(HELDOUT_SIZES)
     sizes = []
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d{1,4})\s*x\s*(\d{1,4})\s*", part)

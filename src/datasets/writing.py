@@ -41,6 +41,13 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
+def jpeg_bytes(image, quality: int) -> bytes:
+    """A PIL image as baseline JPEG bytes at ``quality`` (1-95)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(quality))
+    return buffer.getvalue()
+
+
 def _shown(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
