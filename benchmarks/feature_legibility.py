@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -31,8 +30,6 @@ from melfusion.datasets.synthetic import HELDOUT_FAMILIES, HELDOUT_SIZES, write_
 from melfusion.files import write_atomic
 from melfusion.images import load_images
 from melfusion.pipeline import make_scheduler, noise_schedule
-
-_LAYER = re.compile(r"(down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.0")
 
 
 def ridge_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = MelFusion.from_pretrained(args.model)
     fs = model.feature_source
-    fs.select_layers([n for n, _ in fs.unet.named_modules() if _LAYER.fullmatch(n)])
+    fs.select_layers(fs.available_layers())
     sched = make_scheduler("ddim", **noise_schedule(model.denoiser))
     sched.set_timesteps(model.config.sampling.num_inference_steps)
     cap = model.config.synapse.image_timestep_max or 1000

@@ -132,6 +132,10 @@ class FeatureSource(Part, abc.ABC):
     def probe_layers(self) -> list[LayerInfo]:
         """:attr:`layers` with their key token counts and grids for this source's latent size (no weights read)."""
 
+    def available_layers(self) -> list[str]:
+        """Every layer name :meth:`select_layers` accepts, in forward order (by default the tapped ones)."""
+        return [layer.name for layer in self.layers]
+
     @property
     @abc.abstractmethod
     def noise_schedule(self) -> NoiseSchedule:

@@ -132,3 +132,18 @@ def test_capture_does_not_change_output(unet):
     reference = unet(x, t, ctx).sample
     with capture(unet):
         assert (unet(x, t, ctx).sample - reference).abs().max() <= 1e-6
+
+
+def test_transformer_layers_list_encoder_middle_and_decoder_in_forward_order():
+    from melfusion.synapse.install import transformer_layers
+
+    fs = mf.MelFusionConfig.preset("mini").feature_source.build()
+    names = transformer_layers(fs.unet)
+    assert names == ["down_blocks.1.attentions.0", "down_blocks.2.attentions.0", "mid_block.attentions.0",
+                     "up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.1.attentions.0",
+                     "up_blocks.1.attentions.1"]
+    assert [n for n in names if n.startswith("up_blocks")] == decoder_layers(fs.unet)
+    # the feature source offers exactly these, and accepts every one of them
+    assert fs.available_layers() == names
+    fs.select_layers(fs.available_layers())
+    assert [layer.name for layer in fs.layers] == names

@@ -26,7 +26,7 @@ from ..interfaces import FeatureSource, LayerInfo
 from ..registry import register
 from ..schedules import NoiseSchedule, ddpm_alphas_cumprod
 from ..synapse.features import FeatureCache
-from ..synapse.install import capture, decoder_layers, layer_info
+from ..synapse.install import capture, decoder_layers, layer_info, transformer_layers
 from .loading import build_model
 
 __all__ = ["StableDiffusionFeatureSource", "ddim_alphas"]
@@ -101,6 +101,10 @@ class StableDiffusionFeatureSource(FeatureSource):
         for name in names:
             layer_info(self.unet, name, "attn1")  # a ValueError naming `layers` for an unknown one
         self.layer_names = names
+
+    def available_layers(self) -> list[str]:
+        """Every transformer layer of the image UNet (encoder, middle, decoder), in forward order."""
+        return transformer_layers(self.unet)
 
     def probe_layers(self) -> list[LayerInfo]:
         from ..synapse.wiring import probe_layers

@@ -50,6 +50,20 @@ def decoder_layers(unet: nn.Module) -> list[str]:
     return sorted(names, key=lambda n: tuple(int(g) for g in _DECODER.match(n).groups()))
 
 
+_TRANSFORMER = re.compile(r"^(down_blocks|mid_block|up_blocks)(?:\.(\d+))?\.attentions\.(\d+)$")
+_STAGE = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def transformer_layers(unet: nn.Module) -> list[str]:
+    """Names of every transformer layer of a diffusers UNet (encoder ``down_blocks.i.attentions.j``, middle
+    ``mid_block.attentions.j``, decoder ``up_blocks.i.attentions.j``), in forward order."""
+    def key(name: str) -> tuple[int, int, int]:
+        stage, block, index = _TRANSFORMER.match(name).groups()
+        return _STAGE[stage], int(block or 0), int(index)
+
+    return sorted((name for name, _ in unet.named_modules() if _TRANSFORMER.match(name)), key=key)
+
+
 def resolve_attention(unet: nn.Module, name: str, which: str = "attn2") -> tuple[str, nn.Module]:
     """The ``(full name, Attention module)`` that ``name`` designates (see the module doc)."""
     if which not in ("attn1", "attn2"):
