@@ -71,6 +71,8 @@ class GenerationOutput:
     sample_rate: int
     mel: np.ndarray
     texts: list[str] = field(default_factory=list)
+    #: the ``(start, end)`` seconds of each section of a long piece or storyboard (empty for one clip)
+    sections: list[tuple[float, float]] = field(default_factory=list)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> list[Path]:
         """Write WAV (or FLAC/OGG, by suffix) file(s): ``path`` for one sample, ``stem_i.wav`` for several.
@@ -478,6 +480,18 @@ class MelFusion:
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         callback_on_step_end: StepCallback | None = None,
+        *,
+        images: Sequence[Any] | None = None,
+        texts: Sequence[str] | None = None,
+        durations: Sequence[float] | None = None,
+        crossfade: float | None = None,
+        audio: Any = None,
+        continue_seconds: float | None = None,
+        regenerate: tuple[float, float] | None = None,
+        seam: float | None = None,
+        window_seconds: float | None = None,
+        window_overlap: float | None = None,
+        window_batch: int | None = None,
     ) -> GenerationOutput:
         """Music for ``image`` and ``text``; see DESIGN.md and the module docstring.
 
@@ -491,7 +505,25 @@ class MelFusion:
         all or one per text. ``callback_on_step_end(model, step, timestep, {"latents": ...})`` runs after
         every step; returning ``{"latents": x}`` replaces the latents, ``{"stop": True}`` ends sampling early.
         ``scheduler``: a name, class or class name of the denoiser's scheduler family.
+
+        **Beyond one clip** (:mod:`melfusion.longform`, docs/long-form.md): ``seconds`` longer than the window
+        (``window_seconds``, default the model's clip ``config.sampling.seconds``) is denoised in overlapping
+        windows (``window_overlap`` seconds, default half a window; ``window_batch`` windows per denoiser call,
+        default 8) blended at every step. A storyboard: ``images=[...]`` (one picture per section) with
+        ``texts=[...]`` or ``text``, and ``durations=[...]`` or ``seconds``; sections crossfade over
+        ``crossfade`` seconds (default a fifth of the window, at most 1 s). ``audio`` (a path, an array at
+        the model's rate or ``(array, rate)``) with ``continue_seconds=S`` continues it, with
+        ``regenerate=(t0, t1)`` repaints that span; the given audio is returned unchanged outside the new
+        music, crossfaded over ``seam`` seconds (default 0.05) at each seam.
         """
+        long_args = (images, texts, durations, crossfade, audio, continue_seconds, regenerate, seam, window_overlap,
+                     window_batch)
+        if any(a is not None for a in long_args) or self._beyond_window(seconds, window_seconds):
+            return self._generate_long(image, text, num_inference_steps, guidance_scale, image_guidance_scale, seed,
+                                       seconds, num_samples, scheduler, image_steps, negative_text, progress,
+                                       peak_normalize, generator, latents, callback_on_step_end, images, texts,
+                                       durations, crossfade, audio, continue_seconds, regenerate, seam,
+                                       window_seconds, window_overlap, window_batch)
         req = self.check_inputs(image, text, num_inference_steps, guidance_scale, image_guidance_scale, seconds,
                                 num_samples, image_steps, negative_text)
         callback_on_step_end = check_callback(callback_on_step_end)
@@ -556,6 +588,45 @@ class MelFusion:
         waves, mel = self.decode(final, req.seconds, peak_normalize)
         prompts = [t for t in req.texts for _ in range(req.samples)]
         return GenerationOutput(waveforms=waves, sample_rate=self.sample_rate, mel=mel, texts=prompts)
+
+
+    def _beyond_window(self, seconds: Any, window_seconds: Any) -> bool:
+        """Whether ``seconds`` (when a valid number) is longer than one window of the denoiser."""
+        if seconds is None or isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.number)):
+            return window_seconds is not None
+        window = self.config.sampling.seconds if window_seconds is None else window_seconds
+        try:
+            return np.isfinite(seconds) and float(seconds) > float(window) + 1e-9
+        except (TypeError, ValueError):
+            return True  # a bad window_seconds: the long-form checks name it
+
+    def _generate_long(self, image, text, num_inference_steps, guidance_scale, image_guidance_scale, seed, seconds,
+                       num_samples, scheduler, image_steps, negative_text, progress, peak_normalize, generator,
+                       latents, callback, images, texts, durations, crossfade, audio, continue_seconds, regenerate,
+                       seam, window_seconds, window_overlap, window_batch) -> GenerationOutput:
+        from .longform import check_long_request, generate_long
+
+        if not isinstance(negative_text, str):
+            raise ValueError("negative_text: a long piece or storyboard takes one negative text for all sections")
+        req = self.check_inputs(image if images is None else images, text if texts is None else "",
+                                num_inference_steps, guidance_scale, image_guidance_scale,
+                                seconds if continue_seconds is None and regenerate is None else None, num_samples,
+                                image_steps, negative_text)
+        lreq = check_long_request(self, image, text, seconds, images, texts, durations, crossfade, window_seconds,
+                                  window_overlap, window_batch, audio, continue_seconds, regenerate, seam)
+        callback = check_callback(callback)
+        check_generator(generator)
+        seed = check_seed(seed)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        sched = self.make_scheduler(scheduler)
+        if self.denoiser.noise_schedule.family == "ddpm":
+            most = sched.config.num_train_timesteps - int(sched.config.get("steps_offset", 0) or 0)
+            if req.steps > most:
+                raise ValueError(f"num_inference_steps: expected at most {most} for this scheduler, got {req.steps}")
+        elif req.steps > MAX_STEPS:
+            raise ValueError(f"num_inference_steps: expected at most {MAX_STEPS}, got {req.steps}")
+        return generate_long(self, req, lreq, sched, generator, latents, callback, progress, peak_normalize)
 
 
 def probe_shape(config: MelFusionConfig, codec: Any, denoiser: Any) -> tuple[int, ...]:
