@@ -90,7 +90,9 @@ def _generate_manifest(args: argparse.Namespace) -> int:
     from .files import OutputExistsError
 
     for flag, value in (("--image", args.image), ("--text", args.text), ("--out", args.out),
-                        ("--spectrogram", args.spectrogram)):
+                        ("--spectrogram", args.spectrogram), ("--durations", args.durations),
+                        ("--crossfade", args.crossfade), ("--audio", args.audio), ("--video", args.video),
+                        ("--mux", args.mux), ("--every", args.every)):
         if value is not None:
             raise ValueError(f"{flag}: not used with --manifest (each row gives its image and caption; files go "
                              "to --out-dir)")
@@ -137,15 +139,33 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.manifest is not None:
         return _generate_manifest(args)
-    for flag, value in (("--image", args.image), ("--text", args.text), ("--out", args.out)):
+    if args.video is not None and args.image is not None:
+        raise ValueError("--video: give --video (its scenes are the pictures) or --image, not both")
+    if args.image is None and args.video is None:
+        raise ValueError("--image: required (or --video, or --manifest and --out-dir to generate a whole test set)")
+    for flag, value in (("--text", args.text), ("--out", args.out)):
         if value is None:
             raise ValueError(f"{flag}: required (or give --manifest and --out-dir to generate a whole test set)")
     for flag, value in (("--out-dir", args.out_dir), ("--batch-size", args.batch_size), ("--limit", args.limit),
                         ("--manifest-format", args.manifest_format)):
         if value is not None:
             raise ValueError(f"{flag}: only with --manifest")
-    image = open_image(args.image, "--image")  # fails early, before any model is built
-    inputs = [args.image, args.config]
+    if args.video is None:
+        for flag, value in (("--mux", args.mux), ("--every", args.every)):
+            if value is not None:
+                raise ValueError(f"{flag}: only with --video")
+    if args.audio is None:
+        for flag, value in (("--continue-seconds", args.continue_seconds), ("--regenerate", args.regenerate)):
+            if value is not None:
+                raise ValueError(f"{flag}: needs --audio (the clip to continue or repaint)")
+    # fail early, before any model is built
+    pictures = [open_image(p, "--image") for p in args.image] if args.image is not None else None
+    if args.audio is not None:
+        from .files import check_input_file
+
+        check_input_file(args.audio, "--audio")
+    storyboard = None
+    inputs = [*(args.image or []), args.config, args.audio, args.video]
     # every output is checked before any work: a folder, a wrong suffix, an input or (without --overwrite)
     # an existing file is refused now, not after the generation
     count = args.num_samples if args.num_samples is not None and 0 < args.num_samples <= 4096 else 1
@@ -154,6 +174,21 @@ def _generate(args: argparse.Namespace) -> int:
     spectrogram = args.spectrogram or str(Path(args.out).with_suffix(".png"))
     check_output(spectrogram, "--spectrogram", overwrite=args.overwrite, inputs=inputs + [str(p) for p in outs],
                  suffixes=(".png",))
+    if args.mux is not None:
+        from .video import VIDEO_SUFFIXES
+
+        check_output(args.mux, "--mux", overwrite=args.overwrite, inputs=inputs + [str(p) for p in outs]
+                     + [spectrogram], suffixes=VIDEO_SUFFIXES)
+    if args.video is not None:
+        from .video import read_storyboard
+
+        try:
+            storyboard = read_storyboard(args.video, every=args.every, name="--video")
+        except ValueError as exc:
+            raise _as_flag(exc) from None
+        pictures = storyboard.images
+        if args.durations is not None:
+            raise ValueError("--durations: with --video each scene lasts as long as in the video")
     dtype = _dtype(args.dtype)
     _check_device_flag(args)
     start = time.perf_counter()
@@ -163,11 +198,29 @@ def _generate(args: argparse.Namespace) -> int:
     if args.num_samples is None and model.config.sampling.num_samples != 1:  # the config's count: check again
         for p in output_paths(args.out, model.config.sampling.num_samples):
             check_output(p, "--out", overwrite=args.overwrite, inputs=inputs, suffixes=AUDIO_SUFFIXES)
+    extra: dict = {}
+    several = len(pictures) > 1 or len(args.text) > 1 or args.durations is not None or storyboard is not None
+    if several:
+        extra["images"] = pictures
+        extra["durations"] = storyboard.durations if storyboard is not None else args.durations
+        if len(args.text) > 1:
+            extra["texts"] = args.text
+    else:
+        extra["image"] = pictures[0]
+    text = args.text[0] if len(args.text) == 1 else ""
+    for key in ("crossfade", "continue_seconds"):
+        if getattr(args, key) is not None:
+            extra[key] = getattr(args, key)
+    if args.audio is not None:
+        extra["audio"] = args.audio
+    if args.regenerate is not None:
+        extra["regenerate"] = tuple(args.regenerate)
     try:
         out = model.generate(
-            image=image, text=args.text, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            text=text, num_inference_steps=args.steps, guidance_scale=args.guidance,
             image_guidance_scale=args.image_guidance, scheduler=args.scheduler, seconds=args.seconds,
             num_samples=args.num_samples, seed=args.seed, image_steps=args.image_steps, progress=not args.no_progress,
+            **extra,
         )
     except ValueError as exc:
         raise _as_flag(exc) from None
@@ -176,7 +229,14 @@ def _generate(args: argparse.Namespace) -> int:
     took = time.perf_counter() - start
     for p in paths:
         print(f"wrote {p} ({out.waveforms.shape[-1] / out.sample_rate:.2f} s at {out.sample_rate} Hz)")
+    if len(out.sections) > 1:
+        print("sections: " + ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in out.sections))
     print(f"wrote {spectrogram}  [{took:.1f} s]")
+    if args.mux is not None:
+        from .video import mux
+
+        written = mux(args.video, out.waveforms[0], out.sample_rate, args.mux, overwrite=args.overwrite, name="--mux")
+        print(f"wrote {written} (the video with the new soundtrack)")
     return 0
 
 
@@ -227,14 +287,18 @@ _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "ima
           "seconds": "--seconds", "num_samples": "--num-samples", "seed": "--seed", "image_steps": "--image-steps",
           "scheduler": "--scheduler", "device": "--device", "dtype": "--dtype", "text": "--text", "image": "--image",
           "batch_size": "--batch-size", "out_dir": "--out-dir", "manifest": "--manifest", "alpha": "--alpha",
-          "limit": "--limit", "num_processes": "--num-processes"}
+          "limit": "--limit", "num_processes": "--num-processes", "images": "--image", "texts": "--text",
+          "durations": "--durations", "crossfade": "--crossfade", "audio": "--audio",
+          "continue_seconds": "--continue-seconds", "regenerate": "--regenerate", "video": "--video",
+          "every": "--every"}
 
 
 def _as_flag(exc: ValueError) -> ValueError:
     text = str(exc)
     name, sep, rest = text.partition(":")
-    if sep and name in _FLAGS:
-        return ValueError(f"{_FLAGS[name]}:{rest}")
+    base = name.split("[")[0]  # images[2] -> --image
+    if sep and base in _FLAGS:
+        return ValueError(f"{_FLAGS[base]}{name[len(base):]}:{rest}")
     return exc
 
 
@@ -243,8 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate music from an image and a text, or for every row of a manifest")
-    g.add_argument("--image", default=None, help="image file (any PIL mode or size)")
-    g.add_argument("--text", default=None, help="text prompt")
+    g.add_argument("--image", default=None, action="append",
+                   help="image file (any PIL mode or size); repeat it for a storyboard, one section per picture")
+    g.add_argument("--text", default=None, action="append",
+                   help="text prompt; repeat it to give each storyboard section its own")
+    g.add_argument("--durations", type=float, nargs="+", default=None, metavar="S",
+                   help="seconds of each storyboard section (default: --seconds split evenly, or one clip each)")
+    g.add_argument("--crossfade", type=float, default=None,
+                   help="seconds over which one section's picture turns into the next (default: a fifth of the "
+                        "model's clip, at most 1)")
+    g.add_argument("--audio", default=None, help="a clip to continue (--continue-seconds) or repaint (--regenerate)")
+    g.add_argument("--continue-seconds", type=float, default=None, metavar="S", help="continue --audio by S seconds")
+    g.add_argument("--regenerate", type=float, nargs=2, default=None, metavar=("T0", "T1"),
+                   help="repaint --audio from T0 to T1 seconds, keeping the rest")
+    g.add_argument("--video", default=None,
+                   help="a video: its scenes become storyboard sections and the music lasts as long "
+                        "(needs melfusion[video])")
+    g.add_argument("--every", type=float, default=None, metavar="S",
+                   help="with --video: a section every S seconds instead of one per scene")
+    g.add_argument("--mux", default=None, help="with --video: also write the video with the music as its soundtrack "
+                   "(.mp4, .mov, .mkv)")
     g.add_argument("--out", default=None, help="output WAV path")
     g.add_argument("--manifest", default=None,
                    help="generate one file per row of this test set instead (JSONL, CSV or folder: captions, "
