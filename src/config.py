@@ -280,6 +280,8 @@ class SamplingConfig(_Strict):
     # image-UNet timesteps: None = every sampling step (the paper); k = k timesteps spread over the sampling
     # grid, each music step using the nearest one's features (fewer image-UNet evaluations)
     image_steps: PositiveInt | None = None
+    # long pieces (melfusion.longform): seconds shared by consecutive windows; None = half the window
+    window_overlap: float | None = Field(None, ge=0.0)
 
     @field_validator("scheduler")
     @classmethod
@@ -611,7 +613,10 @@ def _mini() -> dict[str, Any]:
                     "image_trajectory": "reverse", "image_timestep_max": 300},
         # image guidance 5 on top of text guidance 3: measured on the held-out set (docs/mini.md)
         "sampling": {"num_inference_steps": 25, "guidance_scale": 3.0, "image_guidance_scale": 5.0,
-                     "seconds": 2.56},
+                     "seconds": 2.56,
+                     # windows 1 s apart: the mini world's notes fall on a grid from the start of each clip
+                     # (2 or 4 a second), so windows a whole number of beats apart agree on where the notes are
+                     "window_overlap": 1.56},
         "hop_length": 320,  # 50 mel frames a second: 128 frames for 2.56 s
     }
 

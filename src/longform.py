@@ -4,10 +4,11 @@
 training length (``seconds`` above the window, ``images=[...]``, ``durations``, ``audio``). The method:
 
 **Windows (MultiDiffusion).** The latent of the whole piece, ``(batch, C, T, ...)`` with ``T`` latent frames
-on the time axis, is covered by windows of ``W`` frames (default: the model's clip, ``config.sampling.seconds``)
-whose starts are spread evenly from ``0`` to ``T - W`` with at least ``overlap`` frames in common (default
-half a window). At every sampling step each window is denoised (windows batched, ``window_batch`` at a time,
-so memory is bounded by the batch, not by the piece), and the guided predictions are blended::
+on the time axis, is covered by windows of ``W`` frames (default: the model's clip, ``config.sampling.seconds``),
+one every ``W - overlap`` frames from 0 (``overlap``: the config's ``sampling.window_overlap``, else half a
+window; the piece is padded at the end to a whole number of hops and the padding is cut off after decoding).
+At every sampling step each window is denoised (windows batched, ``window_batch`` at a time, so memory is
+bounded by the batch, not by the piece), and the guided predictions are blended::
 
     pred(f) = sum_j w_j(f) pred_j(f) / sum_j w_j(f),     w_j = Hann taper over window j (positive everywhere)
 
@@ -49,10 +50,13 @@ import torch
 from .checks import NonFiniteError, finite_float, positive_int
 
 __all__ = ["WindowPlan", "plan_windows", "window_taper", "section_weights", "blend_windows", "LongRequest",
-           "Section", "check_long_request", "generate_long", "seam_crossfade", "DEFAULT_SEAM"]
+           "Section", "check_long_request", "generate_long", "seam_crossfade", "DEFAULT_SEAM", "DEFAULT_OVERLAP",
+           "seam_report", "SeamReport", "frame_seconds", "encode_audio", "load_given_audio"]
 
 #: seconds of crossfade between the given and the generated audio at each seam (continuation, inpainting)
 DEFAULT_SEAM = 0.05
+#: consecutive windows share this fraction of a window by default (``window_overlap``)
+DEFAULT_OVERLAP = 0.5
 #: a section enters a window's jobs when its weight somewhere in the window exceeds this
 _ACTIVE = 1e-4
 
@@ -73,8 +77,10 @@ class WindowPlan:
 
 
 def plan_windows(total: int, size: int, overlap: int) -> WindowPlan:
-    """Windows of ``size`` frames covering ``total`` frames (``total >= size``), starts evenly spread from 0 to
-    ``total - size`` so that consecutive windows share at least ``overlap`` frames (``0 <= overlap < size``)."""
+    """Windows of ``size`` frames, one every ``size - overlap`` frames from 0 (``0 <= overlap < size``), as many
+    as cover ``total`` frames (``total >= size``). The plan's ``total`` is where the last window ends: the piece
+    is padded at the end to a whole number of hops (the padding is generated and cut off), so every pair of
+    neighbours shares exactly ``overlap`` frames and windows stay a whole number of hops apart."""
     total, size = positive_int(total, "total"), positive_int(size, "size")
     if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < size:
         raise ValueError(f"overlap: expected an int from 0 to {size - 1} frames, got {overlap!r}")
@@ -82,8 +88,7 @@ def plan_windows(total: int, size: int, overlap: int) -> WindowPlan:
         raise ValueError(f"total: {total} frames is shorter than one window of {size}")
     hop = size - int(overlap)
     n = math.ceil((total - size) / hop) + 1
-    starts = np.round(np.linspace(0, total - size, n)).astype(int) if n > 1 else np.zeros(1, dtype=int)
-    return WindowPlan(int(total), int(size), tuple(int(s) for s in starts))
+    return WindowPlan(size + (n - 1) * hop, int(size), tuple(k * hop for k in range(n)))
 
 
 def window_taper(size: int) -> np.ndarray:
@@ -183,7 +188,11 @@ def check_long_request(model: Any, image: Any, text: Any, seconds: Any, images: 
     clip = float(model.config.sampling.seconds)
     window = clip if window_seconds is None else _seconds(window_seconds, "window_seconds")
     model.latent_hw(window, "window_seconds")  # a window the denoiser can run on
-    overlap = window / 2 if window_overlap is None else finite_float(window_overlap, "window_overlap", low=0.0)
+    if window_overlap is None:
+        configured = model.config.sampling.window_overlap
+        overlap = window * DEFAULT_OVERLAP if configured is None or window_seconds is not None else configured
+    else:
+        overlap = finite_float(window_overlap, "window_overlap", low=0.0)
     if not overlap < window:
         raise ValueError(f"window_overlap: expected fewer seconds than the window ({window:g} s), got {overlap:g}")
     batch = 8 if window_batch is None else positive_int(window_batch, "window_batch")
@@ -445,6 +454,7 @@ def generate_long(model: Any, req: Any, lreq: LongRequest, sched: Any, generator
     n_sections = len(pieces[0])
     total_frames = max(size, model.codec.latent_shape(lreq.seconds, c.sample_rate, c.hop_length, c.n_mels)[1])
     plan = plan_windows(total_frames, size, min(size - 1, int(round(lreq.overlap / fs))))
+    total_frames = plan.total  # padded to a whole number of hops; decode cuts the piece to its seconds
     bounds = [sec.start / fs for sec in pieces[0][1:]]
     weights = section_weights(total_frames, bounds, lreq.crossfade / fs)
     taper = window_taper(size)

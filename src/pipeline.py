@@ -508,8 +508,8 @@ class MelFusion:
 
         **Beyond one clip** (:mod:`melfusion.longform`, docs/long-form.md): ``seconds`` longer than the window
         (``window_seconds``, default the model's clip ``config.sampling.seconds``) is denoised in overlapping
-        windows (``window_overlap`` seconds, default half a window; ``window_batch`` windows per denoiser call,
-        default 8) blended at every step. A storyboard: ``images=[...]`` (one picture per section) with
+        windows (``window_overlap`` seconds, default the config's ``sampling.window_overlap``, else half a
+        window; ``window_batch`` windows per denoiser call, default 8) blended at every step. A storyboard: ``images=[...]`` (one picture per section) with
         ``texts=[...]`` or ``text``, and ``durations=[...]`` or ``seconds``; sections crossfade over
         ``crossfade`` seconds (default a fifth of the window, at most 1 s). ``audio`` (a path, an array at
         the model's rate or ``(array, rate)``) with ``continue_seconds=S`` continues it, with

@@ -31,10 +31,10 @@ def test_windows_cover_the_piece_with_the_overlap_asked_for(size, extra, data):
     overlap = data.draw(st.integers(0, size - 1))
     plan = plan_windows(size + extra, size, overlap)
     starts = plan.starts
-    assert starts[0] == 0 and starts[-1] + size == size + extra
-    assert all(b > a for a, b in zip(starts, starts[1:], strict=False))
-    assert all(a + size - b >= overlap for a, b in zip(starts, starts[1:], strict=False))  # shared frames
-    covered = np.zeros(size + extra, dtype=int)
+    assert starts[0] == 0 and starts[-1] + size == plan.total >= size + extra
+    assert plan.total - (size + extra) < size - overlap  # padded by less than one hop
+    assert all(b - a == size - overlap for a, b in zip(starts, starts[1:], strict=False))  # exactly the overlap
+    covered = np.zeros(plan.total, dtype=int)
     for a in starts:
         covered[a: a + size] += 1
     assert covered.min() >= 1
@@ -90,10 +90,10 @@ def test_blending_windows_of_one_latent_gives_that_latent_back(size, extra, seed
     overlap = data.draw(st.integers(0, size - 1))
     plan = plan_windows(size + extra, size, overlap)
     g = torch.Generator().manual_seed(seed)
-    full = torch.randn(2, 3, size + extra, 4, generator=g)
+    full = torch.randn(2, 3, plan.total, 4, generator=g)
     preds = [full.narrow(2, a, size) for a in plan.starts]
     weights = [torch.rand(size, generator=g) + 0.01 for _ in plan.starts]
-    out = blend_windows(size + extra, plan.starts, preds, weights)
+    out = blend_windows(plan.total, plan.starts, preds, weights)
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
     running = WindowBlend(full)
     for a, p, w in zip(plan.starts, preds, weights, strict=True):
@@ -139,7 +139,9 @@ def test_long_piece_has_the_length_asked_and_does_not_depend_on_the_window_batch
     one = tiny.generate(image=IMG, text="calm", seconds=3 * clip + 0.3, window_batch=1, **FAST)
     many = tiny.generate(image=IMG, text="calm", seconds=3 * clip + 0.3, window_batch=16, **FAST)
     assert one.waveforms.shape == (1, int(round((3 * clip + 0.3) * tiny.sample_rate)))
-    np.testing.assert_allclose(one.waveforms, many.waveforms, atol=2e-4)
+    # the same up to float summation order (batched convolutions); Griffin-Lim amplifies that a little
+    np.testing.assert_allclose(one.mel, many.mel, atol=1e-4)
+    np.testing.assert_allclose(one.waveforms, many.waveforms, atol=2e-3)
     assert one.sections == [(0.0, 3 * clip + 0.3)]
 
 
@@ -166,12 +168,31 @@ def test_the_denoiser_batch_is_bounded_by_window_batch(tiny, monkeypatch):
         tiny.latent_shape(6 * clip)[1], tiny.latent_shape(clip)[1], tiny.latent_shape(clip)[1] // 2))
 
 
+def test_the_configured_overlap_is_the_default_and_an_argument_wins(tiny, monkeypatch):
+    from melfusion import longform
+
+    seen = []
+    plan = longform.plan_windows
+    monkeypatch.setattr(longform, "plan_windows", lambda t, s, o: seen.append(o) or plan(t, s, o))
+    clip = tiny.config.sampling.seconds
+    frames = tiny.latent_shape(clip)[1]
+    tiny.generate(image=IMG, text="x", seconds=3 * clip, **FAST)
+    tiny.config.sampling.window_overlap = clip / 4
+    try:
+        tiny.generate(image=IMG, text="x", seconds=3 * clip, **FAST)
+        tiny.generate(image=IMG, text="x", seconds=3 * clip, window_overlap=0.0, **FAST)
+    finally:
+        tiny.config.sampling.window_overlap = None
+    assert seen == [frames // 2, frames // 4, 0]
+
+
 def test_a_storyboard_of_one_picture_twice_is_the_long_piece_of_that_picture(tiny):
     """Section weights sum to 1: two sections with the same picture and caption blend back to one piece."""
     clip = tiny.config.sampling.seconds
     story = tiny.generate(images=[IMG, IMG], text="calm", durations=[clip, 1.5 * clip], **FAST)
     single = tiny.generate(image=IMG, text="calm", seconds=2.5 * clip, **FAST)
-    np.testing.assert_allclose(story.waveforms, single.waveforms, atol=2e-4)
+    np.testing.assert_allclose(story.mel, single.mel, atol=1e-4)
+    np.testing.assert_allclose(story.waveforms, single.waveforms, atol=2e-3)
     assert story.sections == [(0.0, clip), (clip, 2.5 * clip)]
 
 
