@@ -4,37 +4,63 @@
     model = mf.MelFusion.from_config(mf.MelFusionConfig.preset("tiny"))
     out = model.generate(image="cat.png", text="calm piano", num_inference_steps=20)
     out.save("song.wav")
+
+``import melfusion`` imports neither torch, diffusers nor transformers: each public name below is imported
+the first time it is used (module ``__getattr__``), so ``melfusion --help`` and ``--version`` start at once
+and a model build imports what it needs.
 """
 
-from . import backbones, registry, synapse, vocoders
-from .config import MelFusionConfig
-from .interfaces import (
-    FeatureSource,
-    LatentCodec,
-    LayerInfo,
-    MusicDenoiser,
-    SynapseMixer,
-    TextEncoder,
-    Vocoder,
-)
-from .pipeline import GenerationOutput, MelFusion
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "MelFusion",
-    "MelFusionConfig",
-    "GenerationOutput",
-    "FeatureSource",
-    "SynapseMixer",
-    "MusicDenoiser",
-    "LatentCodec",
-    "Vocoder",
-    "TextEncoder",
-    "LayerInfo",
-    "registry",
-    "synapse",
-    "backbones",
-    "vocoders",
-    "__version__",
-]
+# public name -> the submodule that defines it (None: the name is that submodule itself)
+_LAZY: dict[str, str | None] = {
+    "MelFusion": "pipeline",
+    "GenerationOutput": "pipeline",
+    "MelFusionConfig": "config",
+    "FeatureSource": "interfaces",
+    "SynapseMixer": "interfaces",
+    "MusicDenoiser": "interfaces",
+    "LatentCodec": "interfaces",
+    "Vocoder": "interfaces",
+    "TextEncoder": "interfaces",
+    "LayerInfo": "interfaces",
+    "registry": None,
+    "synapse": None,
+    "backbones": None,
+    "vocoders": None,
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'melfusion' has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import backbones, registry, synapse, vocoders  # noqa: F401
+    from .config import MelFusionConfig  # noqa: F401
+    from .interfaces import (  # noqa: F401
+        FeatureSource,
+        LatentCodec,
+        LayerInfo,
+        MusicDenoiser,
+        SynapseMixer,
+        TextEncoder,
+        Vocoder,
+    )
+    from .pipeline import GenerationOutput, MelFusion  # noqa: F401

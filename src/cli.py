@@ -7,9 +7,10 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import SCHEDULERS
+from .scheduler_names import SCHEDULERS
 
 __all__ = ["main"]
 
@@ -276,7 +277,32 @@ def _dtype(name: str | None):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors as one line (``melfusion generate: error: ...``) and exit status 2."""
+    """argparse with usage errors as one line (``melfusion generate: error: ...``) and exit status 2.
+
+    A subcommand's arguments may be added late, by ``populate(parser)``, the first time that subcommand is
+    parsed or its help printed: ``melfusion --help`` then imports no subcommand's module (nor torch).
+    """
+
+    def __init__(self, *args, populate: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _populated(self) -> None:
+        populate, self._populate = self._populate, None
+        if populate is not None:
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._populated()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._populated()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._populated()
+        return super().format_usage()
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -303,7 +329,10 @@ def _as_flag(exc: ValueError) -> ValueError:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="melfusion", description="Music from an image and a text prompt.")
+    parser.add_argument("--version", action="version", version=f"melfusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate music from an image and a text, or for every row of a manifest")
@@ -369,18 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in the run folder (or the one given)")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="FAD, FD, KL, IMSM and CLAP score of generated audio (docs/evaluation.md)")
-    from .metrics.evaluate import add_evaluate_arguments, run_evaluate
-
-    add_evaluate_arguments(e)
-    e.set_defaults(func=run_evaluate)
-
-    b = sub.add_parser("benchmark", help="the paper's conditioning ablation (text + image / text only / image only) "
-                       "on a test set: generate, score, print the table (docs/evaluation.md)")
-    from .benchmark import add_benchmark_arguments, run_benchmark_cli
-
-    add_benchmark_arguments(b)
-    b.set_defaults(func=run_benchmark_cli)
+    sub.add_parser("evaluate", help="FAD, FD, KL, IMSM and CLAP score of generated audio (docs/evaluation.md)",
+                   populate=_evaluate_arguments)
+    sub.add_parser("benchmark", help="the paper's conditioning ablation (text + image / text only / image only) "
+                   "on a test set: generate, score, print the table (docs/evaluation.md)",
+                   populate=_benchmark_arguments)
 
     i = sub.add_parser("inspect", help="print the synapse wiring of a preset (built on the meta device)")
     isrc = i.add_mutually_exclusive_group()
@@ -388,10 +410,30 @@ def build_parser() -> argparse.ArgumentParser:
     isrc.add_argument("--config", help="config file (.json or .yaml)")
     i.set_defaults(func=_inspect)
 
-    from .datasets.tools import add_data_parser
-
-    add_data_parser(sub)
+    sub.add_parser("data", help="check a manifest, or split it into train/val/test (docs/datasets.md)",
+                   populate=_data_arguments)
     return parser
+
+
+# the subcommands whose arguments come from their own modules, added only when that subcommand is used
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .metrics.evaluate import add_evaluate_arguments, run_evaluate
+
+    add_evaluate_arguments(parser)
+    parser.set_defaults(func=run_evaluate)
+
+
+def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    from .benchmark import add_benchmark_arguments, run_benchmark_cli
+
+    add_benchmark_arguments(parser)
+    parser.set_defaults(func=run_benchmark_cli)
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    from .datasets.tools import add_data_arguments
+
+    add_data_arguments(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

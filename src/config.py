@@ -41,7 +41,7 @@ from pydantic import (
 )
 
 from .checks import check_finite_params
-from .registry import registry
+from .registry import ensure_builtin_parts, registry
 
 __all__ = [
     "PartConfig",
@@ -74,7 +74,7 @@ class _Strict(BaseModel):
 
 def _ensure_builtin_parts() -> None:
     """Import the modules whose classes register the built-in parts."""
-    from . import backbones, synapse, vocoders  # noqa: F401
+    ensure_builtin_parts()
 
 
 def _accepted_params(factory: Any) -> tuple[set[str], bool]:
@@ -218,7 +218,7 @@ class SynapseConfig(_Strict):
     @field_validator("image_trajectory")
     @classmethod
     def _known_trajectory(cls, value: str) -> str:
-        from .registry import registry
+        from .registry import ensure_builtin_parts, registry
 
         _ensure_builtin_parts()
         registry("trajectory").get(value)  # unknown: an error listing the known modes
@@ -261,10 +261,8 @@ class SynapseConfig(_Strict):
         return self
 
 
-from .schedules import SCHEDULER_NAMES  # noqa: E402
-
-#: the short scheduler names, every family (a diffusers scheduler class name is accepted too)
-SCHEDULERS = tuple(name for table in SCHEDULER_NAMES.values() for name in table)
+# the short scheduler names, every family (a diffusers scheduler class name is accepted too)
+from .scheduler_names import SCHEDULERS  # noqa: E402
 
 
 class SamplingConfig(_Strict):

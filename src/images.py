@@ -7,11 +7,16 @@ import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that make tensors: opening and checking a picture (the manifest tools)
+# needs only PIL
 
 __all__ = ["load_images", "open_image"]
 
@@ -76,6 +81,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _one(image: Any, name: str) -> torch.Tensor:
+    import torch
+
     if isinstance(image, (str, Path)):
         image = open_image(image, name)
     if isinstance(image, Image.Image):
@@ -112,6 +119,8 @@ def _one(image: Any, name: str) -> torch.Tensor:
 def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
     """One ``(3, H, W)`` image in [0, 1] -> ``(3, size, size)``: bicubic with antialiasing, clamped to [0, 1]
     (what the image LDMs' ``encode`` does to a batch; done per image, a row never depends on its batch)."""
+    import torch
+
     if tuple(x.shape[-2:]) == (size, size):
         return x
     return torch.nn.functional.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False,
@@ -123,6 +132,8 @@ def load_images(images: Any, name: str = "image", size: int | None = None) -> to
 
     With ``size``, each image is resized to ``size x size`` on its own (:func:`resize_image`); without it, the
     images of a list are resized to the first one's size."""
+    import torch
+
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size: expected a positive int or None, got {size!r}")

@@ -17,6 +17,7 @@ and is not already known.
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -60,6 +61,7 @@ class Registry:
         """Register ``obj`` under ``name``; usable as ``@registry.register("name")``."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} registry: name must be a non-empty string, got {name!r}")
+        ensure_builtin_parts()  # a user's part meets the built-in names it could collide with
 
         def decorator(target: Callable[..., Any]) -> Callable[..., Any]:
             existing = self._entries.get(name)
@@ -82,6 +84,7 @@ class Registry:
 
     # -- lookup -------------------------------------------------------------------
     def _load_plugins(self) -> None:
+        ensure_builtin_parts()
         if self._plugins_loaded or self.entry_point_group is None:
             return
         self._plugins_loaded = True
@@ -99,7 +102,7 @@ class Registry:
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        if name in self._entries:
+        if name in self._entries and _builtins_loaded:
             return True
         self._load_plugins()
         return name in self._entries
@@ -123,6 +126,22 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, names={sorted(self._entries)})"
+
+
+#: the modules whose classes register the built-in parts; imported on the first lookup, so that
+#: ``import melfusion`` stays free of torch
+BUILTIN_MODULES = ("melfusion.backbones", "melfusion.synapse", "melfusion.vocoders")
+_builtins_loaded = False
+
+
+def ensure_builtin_parts() -> None:
+    """Import the modules that register the built-in parts (once; any lookup does it)."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True  # set first: those imports register parts, and must not recurse here
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 REGISTRIES: dict[str, Registry] = {kind: Registry(kind, ENTRY_POINT_GROUPS[kind]) for kind in KINDS}

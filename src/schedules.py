@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .scheduler_names import SCHEDULER_NAMES
+
 __all__ = ["NoiseSchedule", "FAMILIES", "SCHEDULER_NAMES", "snr_to_timesteps", "step_snr", "ddpm_alphas_cumprod",
            "same_ddpm_schedule"]
 
@@ -36,17 +38,6 @@ NOISE_CONDITIONINGS = ("atan", "log")
 NOT_SAMPLERS = {"CMStochasticIterativeScheduler": "a consistency-model sampler",
                 "RePaintScheduler": "an inpainting sampler (its step needs an image and a mask)"}
 MAX_STEPS = 10_000
-
-#: short names of the diffusers schedulers, per family (any other scheduler class of the family may be
-#: given as a class or its class name)
-SCHEDULER_NAMES: dict[str, dict[str, str]] = {
-    "ddpm": {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm_solver++": "DPMSolverMultistepScheduler",
-             "euler": "EulerDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
-             "pndm": "PNDMScheduler", "heun": "HeunDiscreteScheduler"},
-    "edm": {"cosine_dpm_solver": "CosineDPMSolverMultistepScheduler",
-            "edm_dpm_solver": "EDMDPMSolverMultistepScheduler", "edm_euler": "EDMEulerScheduler"},
-    "flow": {"flow_euler": "FlowMatchEulerDiscreteScheduler", "flow_heun": "FlowMatchHeunDiscreteScheduler"},
-}
 
 # the ddpm family's settings a scheduler's config takes
 _DDPM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")

@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one thread, chosen before torch starts: torch.set_num_threads(1) alone, after start-up, selects other CPU
+# kernels on some processors (AVX-512) than a process started with one thread, and the subprocess tests compare
+# their files byte for byte with ones made in this process
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

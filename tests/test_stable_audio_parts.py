@@ -100,7 +100,8 @@ def test_forward_equals_the_diffusers_pipeline():
             torch.cat([torch.zeros_like(mask), mask]).bool(),
             torch.tensor([[0.0, TINY_SECONDS]] * 4),
         )
-        assert torch.equal(got, expected)
+        # exact on AVX2 processors; AVX-512 kernels differ in the last float32 bits between the two batches
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_unconditional_row_zeroes_its_cross_condition():

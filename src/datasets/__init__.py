@@ -1,39 +1,64 @@
 """Data: triplet manifests (read, validate), audio and image loading, the torch dataset, the mel front end,
-and the synthetic toy world."""
+and the synthetic toy world.
 
-from .audio import check_audio, crop_start, fit_length, load_audio, max_audio_seconds
-from .manifest import (
-    ManifestError,
-    ManifestRows,
-    Triplet,
-    ValidationReport,
-    read_manifest,
-    validate_manifest,
-)
-from .mel import MelFrontEnd
-from .synthetic import read_attributes, write_synthetic_manifest
-from .toy import TOY_CLASSES, TOY_STYLES, write_toy_manifest
-from .triplets import TripletDataset, collate_triplets, square_image
+The names below are imported on first use, so the manifest tools (``melfusion data``) start without torch.
+"""
 
-__all__ = [
-    "MelFrontEnd",
-    "Triplet",
-    "ManifestError",
-    "ManifestRows",
-    "ValidationReport",
-    "read_manifest",
-    "validate_manifest",
-    "load_audio",
-    "fit_length",
-    "crop_start",
-    "check_audio",
-    "max_audio_seconds",
-    "TripletDataset",
-    "collate_triplets",
-    "square_image",
-    "write_toy_manifest",
-    "write_synthetic_manifest",
-    "read_attributes",
-    "TOY_CLASSES",
-    "TOY_STYLES",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "MelFrontEnd": "mel",
+    "Triplet": "manifest",
+    "ManifestError": "manifest",
+    "ManifestRows": "manifest",
+    "ValidationReport": "manifest",
+    "read_manifest": "manifest",
+    "validate_manifest": "manifest",
+    "load_audio": "audio",
+    "fit_length": "audio",
+    "crop_start": "audio",
+    "check_audio": "audio",
+    "max_audio_seconds": "audio",
+    "TripletDataset": "triplets",
+    "collate_triplets": "triplets",
+    "square_image": "triplets",
+    "write_toy_manifest": "toy",
+    "write_synthetic_manifest": "synthetic",
+    "read_attributes": "synthetic",
+    "TOY_CLASSES": "toy",
+    "TOY_STYLES": "toy",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'melfusion.datasets' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .audio import check_audio, crop_start, fit_length, load_audio, max_audio_seconds  # noqa: F401
+    from .manifest import (  # noqa: F401
+        ManifestError,
+        ManifestRows,
+        Triplet,
+        ValidationReport,
+        read_manifest,
+        validate_manifest,
+    )
+    from .mel import MelFrontEnd  # noqa: F401
+    from .synthetic import read_attributes, write_synthetic_manifest  # noqa: F401
+    from .toy import TOY_CLASSES, TOY_STYLES, write_toy_manifest  # noqa: F401
+    from .triplets import TripletDataset, collate_triplets, square_image  # noqa: F401

@@ -599,9 +599,16 @@ def _rebased(value: str, resolved: Path, base: Path, new_base: Path) -> str:
 # --------------------------------------------------------------------------------------------------- CLI
 
 
+DATA_HELP = "check a manifest, or split it into train/val/test (docs/datasets.md)"
+
+
 def add_data_parser(sub) -> None:
-    """Add ``melfusion data check`` and ``melfusion data split`` to the CLI's subparsers ``sub``."""
-    d = sub.add_parser("data", help="check a manifest, or split it into train/val/test (docs/datasets.md)")
+    """Add ``melfusion data check``, ``split`` and ``synthetic`` to the CLI's subparsers ``sub``."""
+    add_data_arguments(sub.add_parser("data", help=DATA_HELP))
+
+
+def add_data_arguments(d) -> None:
+    """Add ``check``, ``split`` and ``synthetic`` to the ``melfusion data`` parser ``d``."""
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="{check,split,synthetic}")
     formats = ["jsonl", "csv", "folder"]
 

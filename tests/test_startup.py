@@ -1,0 +1,82 @@
+"""Start-up: ``import melfusion``, ``melfusion --help`` and ``--version`` import neither torch, diffusers nor
+transformers; the public names and the registries still work, importing what they need on first use."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "diffusers", "transformers")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    probe = code + f"\nimport sys\nprint('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    return subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def heavy_modules(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, done.stderr[-2000:]
+    return next(line[6:] for line in done.stdout.splitlines() if line.startswith("HEAVY="))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["generate", "--help"], ["data", "--help"],
+                                  ["inspect", "--help"]])
+def test_cli_help_and_version_import_no_torch(argv):
+    done = run_python(f"from melfusion.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass")
+    assert heavy_modules(done) == ""
+    assert "melfusion" in done.stdout
+
+
+def test_version_flag_prints_the_package_version():
+    import melfusion
+
+    done = subprocess.run([sys.executable, "-m", "melfusion.cli", "--version"], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"melfusion {melfusion.__version__}"
+
+
+def test_import_melfusion_and_its_config_import_no_torch():
+    done = run_python("import melfusion, melfusion.config, melfusion.datasets\nassert melfusion.__version__\n"
+                      "assert 'ddim' in melfusion.config.SCHEDULERS")
+    assert heavy_modules(done) == ""
+
+
+def test_public_names_import_on_first_use():
+    done = run_python("import melfusion as mf\n"
+                      "assert 'convex' in mf.registry.REGISTRIES['mixer'].names()\n"
+                      "assert mf.synapse.ConvexMixer(num_layers=2).alphas().shape == (2,)\n"
+                      "assert mf.MelFusion.__name__ == 'MelFusion' and issubclass(mf.GenerationOutput, object)\n"
+                      "assert set(mf.__all__) <= set(dir(mf))")
+    assert heavy_modules(done) == "torch,diffusers,transformers"
+
+
+def test_an_unknown_attribute_is_an_attribute_error():
+    import melfusion
+
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        melfusion.NoSuchThing  # noqa: B018
+
+
+def test_lazy_subcommands_still_parse_their_arguments(capsys):
+    from melfusion.cli import build_parser, main
+
+    args = build_parser().parse_args(["data", "split", "m.jsonl", "--ratios", "0.5,0.5"])
+    assert args.ratios == "0.5,0.5" and callable(args.func)
+    assert main(["evaluate", "--help"]) == 0
+    assert "--generated" in capsys.readouterr().out
+    assert main(["data", "split", "m.jsonl", "--no-such-flag"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_a_user_registered_part_meets_the_builtin_names():
+    done = run_python("from melfusion.registry import register\n"
+                      "try:\n"
+                      "    @register('mixer', 'convex')\n"
+                      "    class Mine: pass\n"
+                      "except ValueError as exc:\n"
+                      "    assert 'already taken' in str(exc)\n"
+                      "else:\n"
+                      "    raise SystemExit('a built-in name was silently shadowed')")
+    assert done.returncode == 0, done.stderr[-2000:]
