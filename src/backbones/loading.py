@@ -14,7 +14,9 @@ so the full-size paper models can be checked without memory.
 Tango's released checkpoints (``declare-lab/tango*``) are not diffusers
 folders: :func:`load_tango_unet` reads the UNet out of their
 ``pytorch_model_main.bin`` (a state dict of Tango's whole model, UNet keys
-prefixed ``unet.``) with ``torch.load(..., weights_only=True)``.
+prefixed ``unet.``), and :func:`load_audioldm_vae` / :func:`load_audioldm_vocoder`
+read the VAE and HiFi-GAN Tango was trained with out of ``pytorch_model_vae.bin``
+(AudioLDM's original key names), always with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ import torch
 from ..presets import load_json
 
 __all__ = ["resolve_config", "build_model", "check_source", "fetch_file", "load_state_dict_file", "load_weights",
-           "load_tango_unet", "TANGO_WEIGHTS"]
+           "load_tango_unet", "load_audioldm_vae", "load_audioldm_vocoder", "load_tango_or_pretrained", "tango_file",
+           "convert_tango_vae", "convert_tango_vocoder",
+           "TANGO_WEIGHTS", "TANGO_VAE_WEIGHTS"]
 
 TANGO_WEIGHTS = "pytorch_model_main.bin"  # Tango's whole AudioDiffusion module; the UNet's keys start with "unet."
+#: Tango's VAE: AudioLDM audioldm-s-full's first stage in LDM key names, its HiFi-GAN under "vocoder."
+TANGO_VAE_WEIGHTS = "pytorch_model_vae.bin"
 
 _SPEC_KEYS = {"config", "pretrained", "subfolder", "revision"}
 
@@ -298,56 +304,152 @@ def load_tango_unet(
     """
     from diffusers import UNet2DConditionModel
 
+    return load_tango_or_pretrained(UNet2DConditionModel, spec, what, TANGO_WEIGHTS, _unet_from_tango,
+                                    weights=weights, device=device, dtype=dtype)
+
+
+def load_audioldm_vae(
+    spec: Mapping[str, Any] | None,
+    what: str,
+    *,
+    weights: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """AudioLDM's ``AutoencoderKL`` from a diffusers folder / hub id, or from Tango's ``pytorch_model_vae.bin``.
+
+    Tango's file is the first stage of AudioLDM's first ``audioldm-s-full`` release, in that code's (LDM) key
+    names with its HiFi-GAN under ``vocoder.``; the VAE's keys are renamed to diffusers' by diffusers' own
+    ``convert_ldm_vae_checkpoint`` and loaded strictly. The architecture and ``scaling_factor`` come from the
+    spec's ``config`` (``"tango_vae"``: Tango's ``vae_config.json``, scale factor 0.9227914214134216).
+    """
+    from diffusers import AutoencoderKL
+
+    return load_tango_or_pretrained(AutoencoderKL, spec, what, TANGO_VAE_WEIGHTS, _vae_from_tango,
+                                    weights=weights, device=device, dtype=dtype)
+
+
+def load_audioldm_vocoder(
+    spec: Mapping[str, Any] | None,
+    what: str,
+    *,
+    weights: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """AudioLDM's HiFi-GAN (``SpeechT5HifiGan``) from a diffusers-pipeline folder / hub id, or from the
+    ``vocoder.`` tensors of Tango's ``pytorch_model_vae.bin`` (weight norm already folded in; ``ups.i`` is
+    transformers' ``upsampler.i``; no input normalisation: ``mean`` 0, ``scale`` 1)."""
+    from transformers import SpeechT5HifiGan
+
+    return load_tango_or_pretrained(SpeechT5HifiGan, spec, what, TANGO_VAE_WEIGHTS, _vocoder_from_tango,
+                                    weights=weights, device=device, dtype=dtype)
+
+
+def _unet_from_tango(file: Path, config: Mapping[str, Any], what: str) -> dict[str, torch.Tensor]:
+    return load_state_dict_file(file, what, prefix="unet.")
+
+
+def _vae_from_tango(file: Path, config: Mapping[str, Any], what: str) -> dict[str, torch.Tensor]:
+    return convert_tango_vae(load_state_dict_file(file, what), config, what)
+
+
+def _vocoder_from_tango(file: Path, config: Mapping[str, Any], what: str) -> dict[str, torch.Tensor]:
+    return convert_tango_vocoder(load_state_dict_file(file, what, prefix="vocoder."), config)
+
+
+def convert_tango_vae(state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                      what: str = "codec") -> dict[str, torch.Tensor]:
+    """The VAE tensors of Tango's ``pytorch_model_vae.bin`` (original LDM names) in diffusers' ``AutoencoderKL``
+    names, by diffusers' own ``convert_ldm_vae_checkpoint``; the ``vocoder.`` tensors are left out."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    vae = {k: v for k, v in state.items() if not k.startswith("vocoder.")}
+    if not any(k.startswith("encoder.") for k in vae):
+        raise ValueError(f"{what}: the checkpoint holds no VAE tensors (no 'encoder.' keys)")
+    return convert_ldm_vae_checkpoint(vae, dict(config))
+
+
+def convert_tango_vocoder(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """AudioLDM's HiFi-GAN tensors (``vocoder.`` prefix optional) in transformers' ``SpeechT5HifiGan`` names: its
+    ``ups.i`` is ``upsampler.i``, and it has no input normalisation (``mean`` 0, ``scale`` 1)."""
+    prefixed = any(k.startswith("vocoder.") for k in state)  # the whole VAE file, or its vocoder alone
+    out = {re.sub(r"^ups\.", "upsampler.", k.removeprefix("vocoder.")): v
+           for k, v in state.items() if not prefixed or k.startswith("vocoder.")}
+    n_mels = int(config.get("model_in_dim", 80))
+    device = next(iter(out.values())).device if out else None
+    out.setdefault("mean", torch.zeros(n_mels, device=device))
+    out.setdefault("scale", torch.ones(n_mels, device=device))
+    return out
+
+
+def load_tango_or_pretrained(
+    cls: Any,
+    spec: Mapping[str, Any] | None,
+    what: str,
+    filename: str,
+    convert: Any,
+    *,
+    weights: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """``cls`` from Tango's checkpoint file ``filename`` when ``pretrained`` holds one (converted to ``cls``'s
+    key names by ``convert(file, config, what)``, then loaded strictly), else as :func:`build_model` does.
+
+    Tango's file wins over a ``config.json`` beside it: some of Tango's hub repositories carry a dummy
+    ``config.json`` (a copy of ``main_config.json``) that is no diffusers config.
+    """
     spec = _check_spec(spec, what)
     meta = device is not None and torch.device(device).type == "meta"
     kwargs = dict(weights=weights, device=device, dtype=dtype)
     if not spec.get("pretrained") or not weights or meta:
-        return build_model(UNet2DConditionModel, spec, what, **kwargs)
+        return build_model(cls, spec, what, **kwargs)
     src = str(spec["pretrained"])
     try:
-        file = _tango_weights(spec, what)
+        file = tango_file(spec, what, filename)
     except OSError as tango_exc:  # e.g. offline: the repo may still be a diffusers one in the cache
         try:
-            return build_model(UNet2DConditionModel, spec, what, **kwargs)
+            return build_model(cls, spec, what, **kwargs)
         except OSError as exc:
             inner = [str(e).removeprefix(f"{what}: ") for e in (tango_exc, exc)]
             raise OSError(
                 f"{what}: could not load {src!r} as a Tango checkpoint ({inner[0]}) "
-                f"nor as a diffusers UNet ({inner[1]})"
+                f"nor as a diffusers model ({inner[1]})"
             ) from exc
     if file is None:
-        return build_model(UNet2DConditionModel, spec, what, **kwargs)
+        return build_model(cls, spec, what, **kwargs)
     if not spec.get("config"):
         raise ValueError(
-            f"{what}: the Tango checkpoint {str(file)!r} holds no UNet config; "
-            "give a 'config' (\"tango_unet\" for declare-lab's released models)"
+            f"{what}: the Tango checkpoint {str(file)!r} holds no {cls.__name__} config; "
+            "give a 'config' (for declare-lab's released models: \"tango_unet\", \"tango_vae\", "
+            "\"audioldm_hifigan\")"
         )
     config = resolve_config(spec["config"])
-    state = load_state_dict_file(file, what, prefix="unet.")
+    state = convert(file, config, what)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    unet = load_weights(unet, state, what, repr(str(file)))
-    if any(t.is_meta for t in unet.buffers()):  # a buffer outside the state dict: build for real instead
-        unet = load_weights(UNet2DConditionModel.from_config(config), state, what, repr(str(file)))
+        model = _from_config(cls, config)
+    model = load_weights(model, state, what, repr(str(file)))
+    if any(t.is_meta for t in model.buffers()):  # a buffer outside the state dict: build for real instead
+        model = load_weights(_from_config(cls, config), state, what, repr(str(file)))
     if dtype is not None or device is not None:
-        unet = torch.nn.Module.to(unet, device=device, dtype=dtype)
-    return unet.eval()
+        model = torch.nn.Module.to(model, device=device, dtype=dtype)
+    return model.eval()
 
 
-def _tango_weights(spec: Mapping[str, Any], what: str) -> Path | None:
-    """The Tango checkpoint file named by ``spec``, or None when ``pretrained`` is a diffusers model."""
+def tango_file(spec: Mapping[str, Any], what: str, filename: str = TANGO_WEIGHTS) -> Path | None:
+    """Tango's checkpoint file ``filename`` named by ``spec`` (a path to it, a folder or a hub repo holding it),
+    or None when ``pretrained`` holds none (a diffusers model)."""
     src, sub = str(spec["pretrained"]), spec.get("subfolder") or ""
     if os.path.isfile(src):
-        return Path(src)
+        return Path(src)  # a single file is no diffusers folder
     if os.path.isdir(src):
         folder = Path(src, sub)
-        if (folder / TANGO_WEIGHTS).is_file() and not (folder / "config.json").is_file():
-            return folder / TANGO_WEIGHTS
-        return None
+        return folder / filename if (folder / filename).is_file() else None
     if not _is_hub_id(src):
         return None  # a missing local path: build_model's error names it
     try:
-        return fetch_file(src, TANGO_WEIGHTS, what, subfolder=sub or None, revision=spec.get("revision"))
+        return fetch_file(src, filename, what, subfolder=sub or None, revision=spec.get("revision"))
     except OSError as exc:
         from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
