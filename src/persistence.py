@@ -19,7 +19,7 @@ import torch
 from .backbones.loading import is_hub_id
 from .config import MelFusionConfig
 
-__all__ = ["save_model", "load_model", "read_index", "is_model_entry", "SHIPPED_MODELS", "shipped_model_path",
+__all__ = ["save_model", "load_model", "read_index", "is_model_entry", "owned_entry", "load_safetensors_into", "SHIPPED_MODELS", "shipped_model_path",
            "PARTS", "CONFIG_NAME", "INDEX_NAME"]
 
 PARTS = ("feature_source", "denoiser", "text_encoder", "codec", "vocoder")
@@ -62,6 +62,10 @@ def save_model(model: Any, path: str | Path) -> Path:
 
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise ValueError(f"path: expected a folder path, got {path!r}")
+    if getattr(model, "lora", None):  # adapters: a small folder naming the base, never a copy of it
+        from .lora import save_lora_model
+
+        return save_lora_model(model, path)
     path = Path(path)
     frozen = frozen_to_store(model)
     for name, module in model.denoiser.stored_modules().items():
@@ -70,7 +74,7 @@ def save_model(model: Any, path: str | Path) -> Path:
         check_finite_tensors(module.state_dict(), f"model: {part_name}.{attr}")
     if model.synapse is not None:
         check_finite_tensors(model.synapse.state_dict(), "model: the synapse")
-    with replace_folder(path, "path", owned=is_model_entry) as tmp:
+    with replace_folder(path, "path", owned=owned_entry) as tmp:
         model.config.save(tmp / CONFIG_NAME)
         main = model.denoiser.save_weights(tmp)
         folders = sorted(p.name for p in tmp.iterdir() if p.is_dir())
@@ -99,6 +103,11 @@ def load_model(cls: Any, path: str | Path, *, device: Any = None, dtype: torch.d
     folder = _resolve_model_folder(path, revision)
     index = read_index(folder)
     if index is None:
+        from .lora import load_lora_model, read_lora_index
+
+        lora_index = read_lora_index(folder)
+        if lora_index is not None:
+            return load_lora_model(cls, folder, lora_index, device=device, dtype=dtype)
         raise OSError(f"model: {str(folder)!r} has no {INDEX_NAME}; was it written by save_pretrained?")
     config = MelFusionConfig.load(folder / CONFIG_NAME, name="model config")
     stored = index.get("stored_frozen_modules", {})
@@ -125,7 +134,7 @@ def load_model(cls: Any, path: str | Path, *, device: Any = None, dtype: torch.d
                               f"config's {part_name} does not have")
             if not file.is_file():
                 raise OSError(f"model: missing weights file {str(file)!r}")
-            _load_safetensors(module, file, device)
+            load_safetensors_into(module, file, device)
             if dtype is not None:
                 module.to(dtype=dtype)
         parts[part_name] = part
@@ -138,10 +147,12 @@ def load_model(cls: Any, path: str | Path, *, device: Any = None, dtype: torch.d
         file = folder / (index.get("synapse") or "synapse.safetensors")
         if not file.is_file():
             raise OSError(f"model: missing weights file {str(file)!r}")
-        _load_safetensors(synapse, file, None)
+        load_safetensors_into(synapse, file, None)
         if device is not None:  # as from_config: the synapse stays float32, on the model's device
             synapse = synapse.to(device)
-    return cls(config, **parts, synapse=synapse)
+    model = cls(config, **parts, synapse=synapse)
+    model.name_or_path = str(folder.resolve()) if Path(path).is_dir() else str(path)
+    return model
 
 
 #: models that ship inside the package, by name: ``MelFusion.from_pretrained("mini")``
@@ -228,6 +239,13 @@ def _plain_name(value: Any) -> bool:
         and value not in (".", "..")
 
 
+def owned_entry(entry: Path) -> bool:
+    """Whether a save may replace ``entry``: written by save_pretrained, for a whole model or for adapters."""
+    from .lora import is_lora_entry
+
+    return is_model_entry(entry) or is_lora_entry(entry)
+
+
 def is_model_entry(entry: Path) -> bool:
     """Whether ``entry`` (a path inside a folder) was written by save_pretrained, so a new save may replace it.
 
@@ -258,7 +276,7 @@ def is_model_entry(entry: Path) -> bool:
     return False
 
 
-def _load_safetensors(module: torch.nn.Module, file: Path, device: Any) -> None:
+def load_safetensors_into(module: torch.nn.Module, file: Path, device: Any) -> None:
     """``safetensors.load_model`` with every failure as one ``OSError`` naming the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model

@@ -181,6 +181,10 @@ class MelFusion:
         # from_config(weights=False) clears it: then save_pretrained keeps every module, even those the config
         # names published weights for (the random ones would otherwise be lost)
         self.built_with_weights = True
+        #: where from_pretrained loaded the model (a folder, a shipped name or a hub id); None if built from a config
+        self.name_or_path: str | None = None
+        #: LoRA settings when adapters were added (melfusion.lora.add_lora), else None
+        self.lora: dict[str, Any] | None = None
         self.synapse_hook: SynapseHook | None = None
         self.synapse_handle = None
         if synapse is not None:
@@ -264,6 +268,24 @@ class MelFusion:
         """Load a model written by :meth:`save_pretrained`: a local folder, the name of a model shipped in the
         package (``"mini"``, the embedded default; a local folder of that name wins), or a hub id when online."""
         return load_model(cls, path, device=device, dtype=dtype, revision=revision)
+
+    def add_lora(self, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                 target_modules: Sequence[str] | None = None) -> dict[str, Any]:
+        """Add LoRA adapters (rank ``rank``, scale ``alpha / rank``) to the music denoiser's attention projections
+        (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` by default); ``save_pretrained`` then writes only the
+        adapters and the synapse, naming this model as their base (see :mod:`melfusion.lora`)."""
+        from .lora import DEFAULT_TARGETS, add_lora
+
+        return add_lora(self, rank, alpha, dropout, DEFAULT_TARGETS if target_modules is None else target_modules)
+
+    def compile(self, **kwargs: Any) -> MelFusion:
+        """``torch.compile`` the music denoiser in place (``kwargs`` go to ``torch.compile``: ``mode``,
+        ``backend``, ``dynamic``, ...); returns ``self``. The synapse's per-step image features reach the compiled
+        graph as tensors, so new steps, pictures and seeds reuse it (one graph, no recompiles: ``tests/test_gpu_ready.py``);
+        another batch size, clip length or prompt length is another shape, compiled once more unless
+        ``dynamic=True``. The first generation after it pays the compilation."""
+        self.denoiser.compile(**kwargs)
+        return self
 
     # -- devices ------------------------------------------------------------------------
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> MelFusion:

@@ -28,8 +28,9 @@ from ..config import MelFusionConfig, read_config_mapping, validation_message
 
 __all__ = ["TrainConfig", "DataConfig", "OptimConfig", "EMAConfig", "TRAIN_MODES"]
 
-#: what is trained: the mixer only ("the alphas"), the whole synapse (mixer and aligners), or both and the music UNet
-TRAIN_MODES = ("alphas", "synapse", "synapse+unet")
+#: what is trained: the mixer only ("the alphas"), the whole synapse (mixer and aligners), both and the music UNet,
+#: or the whole synapse and LoRA adapters on the music denoiser's attention projections (the UNet itself frozen)
+TRAIN_MODES = ("alphas", "synapse", "synapse+unet", "lora")
 
 
 class _Strict(BaseModel):
@@ -61,12 +62,22 @@ class OptimConfig(_Strict):
     unet_lr: PositiveFloat = 3e-5  # the music UNet (Tango's fine-tuning rate)
     synapse_lr: PositiveFloat = 1e-4  # aligners and any other synapse parameters beside the mixer
     alpha_lr: PositiveFloat = 1e-5  # the mixer's weights (the paper's alpha learning rate)
+    lora_lr: PositiveFloat = 1e-4  # LoRA adapters (mode "lora")
     weight_decay: NonNegativeFloat = 1e-2  # applied to the UNet and aligners; never to the alphas
     betas: tuple[_Beta, _Beta] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     max_grad_norm: PositiveFloat | None = 1.0
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters for mode ``lora`` (melfusion.lora): rank, scale ``alpha / rank``, dropout, the targeted layers."""
+
+    rank: PositiveInt = 8
+    alpha: PositiveFloat | None = None  # None: the rank (scale 1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
 
 
 class EMAConfig(_Strict):
@@ -84,7 +95,10 @@ class TrainConfig(_Strict):
     init_from: _Path | None = None  # a save_pretrained folder whose weights (music UNet, synapse) start the run
     data: DataConfig = Field(default_factory=DataConfig)
     output: _Path = "runs/melfusion"
-    mode: Literal["alphas", "synapse", "synapse+unet"] = "synapse+unet"
+    mode: Literal["alphas", "synapse", "synapse+unet", "lora"] = "synapse+unet"
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # mode "lora": the adapters' settings
+    # recompute the denoiser's activations in the backward pass: less memory, about a third more time
+    gradient_checkpointing: bool = False
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the denoiser's own
     min_snr_gamma: PositiveFloat | None = None  # min-SNR loss weighting; the released code uses 5
     text_dropout: float = Field(0.1, ge=0.0, le=1.0)  # rows trained with the empty prompt (for guidance)
@@ -117,7 +131,7 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         model = self.model_config_resolved()
-        if not model.synapse.enabled and self.mode != "synapse+unet":
+        if not model.synapse.enabled and self.mode not in ("synapse+unet", "lora"):
             raise ValueError(f"mode: {self.mode!r} trains the synapse, but the model's synapse is disabled")
         return self
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..checks import NonFiniteError, check_size, non_finite_names, positive_int
 from ..files import OutputExistsError, atomic_path
+from ..lora import check_lora_base, lora_parameters
 from ..pipeline import MelFusion
 from ..schedules import edm_training_sigmas, same_ddpm_schedule, snr_to_timesteps
 from ..synapse.features import FeatureCache, tensor_digest
@@ -151,7 +152,16 @@ class MusicTrainModule(nn.Module):
                           image_rows=image_rows)
         try:
             return self.denoiser(noisy, timesteps, text, text_mask, timing)
-        finally:
+        except BaseException:
+            hook.set_features(None)
+            raise
+        # the features stay set until release(), after the backward pass: gradient checkpointing runs the
+        # forward again there, and must see the same image features
+
+    def release(self) -> None:
+        """Clear the image features the last forward set (the trainer calls it after each backward pass)."""
+        hook = self._model.obj.synapse_hook
+        if hook is not None:
             hook.set_features(None)
 
 
@@ -278,6 +288,12 @@ class Trainer:
                     cfg = cfg.model_copy(deep=True)
                     cfg.denoiser.params["prediction_type"] = config.prediction_type
                 model = MelFusion.from_config(cfg, device=self.device)
+        if config.mode == "lora" and not model.lora:  # a LoRA folder as init_from keeps training its adapters
+            check_lora_base(model, "mode")  # before any work: the adapters must name a base that loads again
+            lora = config.lora
+            model.add_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        if config.gradient_checkpointing:
+            model.denoiser.enable_gradient_checkpointing()
         self.model = model
         self.frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision,
                                                                                  torch.float32)
@@ -338,11 +354,14 @@ class Trainer:
         m.denoiser.requires_grad_(False).eval()
         for module in m.denoiser.trainable_modules().values():
             module.requires_grad_(mode == "synapse+unet")
-            module.train(mode == "synapse+unet")
+            module.train(mode in ("synapse+unet", "lora"))
+        if mode == "lora":
+            for param in lora_parameters(m):
+                param.requires_grad_(True)
         if m.synapse is not None:
             m.synapse.requires_grad_(False)
             m.synapse.mixer.requires_grad_(True)
-            if mode in ("synapse", "synapse+unet"):
+            if mode in ("synapse", "synapse+unet", "lora"):
                 m.synapse.aligners.requires_grad_(True)
             m.synapse.train()
 
@@ -359,10 +378,12 @@ class Trainer:
         if self.config.mode == "synapse+unet":
             unet = [p for module in m.denoiser.trainable_modules().values() for p in module.parameters()
                     if p.requires_grad]
+        adapters = lora_parameters(m) if self.config.mode == "lora" else []
         groups = []
         for name, params, lr, wd in (("alphas", alphas, o.alpha_lr, 0.0), ("synapse", others, o.synapse_lr,
                                                                             o.weight_decay),
-                                     ("unet", unet, o.unet_lr, o.weight_decay)):
+                                     ("unet", unet, o.unet_lr, o.weight_decay),
+                                     ("lora", adapters, o.lora_lr, o.weight_decay)):
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": name})
         if not groups:
@@ -653,8 +674,11 @@ class Trainer:
             batch = next(loader)
             last = micro == c.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.wrapped):
-                loss = self._micro_loss(batch, self.step, micro) / c.gradient_accumulation_steps
-                acc.backward(loss)
+                try:
+                    loss = self._micro_loss(batch, self.step, micro) / c.gradient_accumulation_steps
+                    acc.backward(loss)
+                finally:
+                    self.module.release()
             total += loss.detach()
         mean_loss = float(acc.reduce(total, reduction="mean"))  # the same on every process
         if not math.isfinite(mean_loss):
