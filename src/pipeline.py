@@ -185,6 +185,8 @@ class MelFusion:
         self.name_or_path: str | None = None
         #: LoRA settings when adapters were added (melfusion.lora.add_lora), else None
         self.lora: dict[str, Any] | None = None
+        #: {"device", "hooks"} while model CPU offload is enabled (enable_model_cpu_offload), else None
+        self.offload: dict[str, Any] | None = None
         self.synapse_hook: SynapseHook | None = None
         self.synapse_handle = None
         if synapse is not None:
@@ -287,6 +289,43 @@ class MelFusion:
         self.denoiser.compile(**kwargs)
         return self
 
+    #: the order in which generation runs the parts (model CPU offload chains them in it)
+    OFFLOAD_ORDER = ("text_encoder", "feature_source", "denoiser", "codec", "vocoder")
+
+    def enable_model_cpu_offload(self, device: Any = "cuda") -> MelFusion:
+        """Keep every part on the CPU and move each weight module to ``device`` only while it runs (accelerate's
+        ``cpu_offload_with_hook``, chained in :attr:`OFFLOAD_ORDER`: a module's first forward offloads the one
+        before it). Peak accelerator memory is then about the largest part (Tango's UNet in the paper preset)
+        plus activations, for about one transfer of each part per generation. The synapse (small) stays on
+        ``device``. Returns ``self``; :meth:`to` undoes it."""
+        from accelerate import cpu_offload_with_hook
+
+        device = torch.device(device)
+        self.disable_model_cpu_offload()
+        self.to("cpu")
+        hooks, previous = [], None
+        for name in self.OFFLOAD_ORDER:
+            for module in getattr(self, name).stored_modules().values():
+                if next(module.parameters(), None) is None:
+                    continue
+                _, previous = cpu_offload_with_hook(module, execution_device=device, prev_module_hook=previous)
+                hooks.append(previous)
+        if self.synapse is not None:
+            self.synapse.to(device)
+        self.offload = {"device": device, "hooks": hooks}
+        return self
+
+    def disable_model_cpu_offload(self) -> None:
+        """Remove the offload hooks (the weights stay where they are: call :meth:`to` to place them)."""
+        for hook in (self.offload or {}).get("hooks", []):
+            hook.remove()
+        self.offload = None
+
+    def _offload_all(self) -> None:
+        """Back to the CPU with every offloaded module (a generation starts with none on the accelerator)."""
+        for hook in (self.offload or {}).get("hooks", []):
+            hook.offload()
+
     # -- devices ------------------------------------------------------------------------
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> MelFusion:
         """Move every part (and the synapse) to ``device`` and, for the parts, ``dtype``; returns ``self``.
@@ -295,6 +334,8 @@ class MelFusion:
         Cached image features are dropped.
         """
         device, dtype = check_device(device), check_dtype(dtype)
+        if device is not None:
+            self.disable_model_cpu_offload()
         if device is not None and torch.device(device).type == "meta":
             raise ValueError("device: 'meta' holds no weights: moving a model there would discard them; build "
                              "architectures on it with MelFusion.from_config(config, weights=False, device='meta')")
@@ -307,6 +348,9 @@ class MelFusion:
 
     @property
     def device(self) -> torch.device:
+        """Where generation computes: the denoiser's device, or the offload device while offload is enabled."""
+        if self.offload is not None:
+            return self.offload["device"]
         return self.denoiser.device
 
     @property
@@ -538,6 +582,7 @@ class MelFusion:
         ``regenerate=(t0, t1)`` repaints that span; the given audio is returned unchanged outside the new
         music, crossfaded over ``seam`` seconds (default 0.05) at each seam.
         """
+        self._offload_all()  # with model CPU offload, start with no part on the accelerator
         long_args = (images, texts, durations, crossfade, audio, continue_seconds, regenerate, seam, window_overlap,
                      window_batch)
         if any(a is not None for a in long_args) or self._beyond_window(seconds, window_seconds):
