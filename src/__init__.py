@@ -13,6 +13,7 @@ and a model build imports what it needs.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
@@ -40,6 +41,8 @@ __all__ = [*_LAZY, "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a submodule: mf.config, mf.datasets, ...
         raise AttributeError(f"module 'melfusion' has no attribute {name!r}")
     module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
     value = module if _LAZY[name] is None else getattr(module, name)
@@ -48,7 +51,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly

@@ -14,6 +14,7 @@ adapters and loads them and the synapse.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,6 +126,10 @@ def save_lora_model(model: Any, path: str | Path) -> Path:
     base = check_lora_base(model, "path")
     if base is not None and os.path.isdir(base):
         base = str(Path(base).resolve())
+        target = Path(path).resolve()
+        if target == Path(base) or Path(base) in target.parents:
+            raise ValueError(f"path: {str(path)!r} is (or is inside) the base model {base!r} these adapters adapt; "
+                             "the base is never written to: save the adapters to another folder")
     state = {k: v.detach().contiguous() for k, v in lora_state(model).items()}
     check_finite_tensors(state, "model: the LoRA adapters")
     if model.synapse is not None:
@@ -135,7 +140,8 @@ def save_lora_model(model: Any, path: str | Path) -> Path:
         save_file(state, str(tmp / ADAPTERS_NAME))
         if model.synapse is not None:
             save_module(model.synapse, str(tmp / "synapse.safetensors"))
-        index = {"format": "melfusion-lora", "version": 1, "base": base, "lora": model.lora,
+        index = {"format": "melfusion-lora", "version": 1, "base": base,
+                 "revision": getattr(model, "revision", None), "lora": model.lora,
                  "adapters": ADAPTERS_NAME, "synapse": "synapse.safetensors" if model.synapse is not None else None}
         (tmp / LORA_INDEX).write_text(json.dumps(index, indent=2))
     return path
@@ -151,11 +157,26 @@ def read_lora_index(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         raise OSError(f"model: {str(file)!r} is not valid JSON ({exc})") from None
     ok = (isinstance(index, dict) and index.get("format") == "melfusion-lora"
-          and isinstance(index.get("base"), (str, type(None))) and isinstance(index.get("lora"), dict)
+          and isinstance(index.get("base"), (str, type(None))) and isinstance(index.get("revision"), (str, type(None)))
+          and _valid_settings(index.get("lora"))
           and index.get("adapters") == ADAPTERS_NAME and index.get("synapse") in ("synapse.safetensors", None))
     if not ok:
         raise OSError(f"model: {str(file)!r} is not an index save_pretrained writes for a LoRA model")
     return index
+
+
+def _valid_settings(lora: Any) -> bool:
+    """``lora`` is exactly the settings :func:`add_lora` returns, with sensible types and values."""
+    if not isinstance(lora, dict) or set(lora) != {"rank", "alpha", "dropout", "target_modules"}:
+        return False
+    number = (int, float)
+    targets = lora["target_modules"]
+    return (type(lora["rank"]) is int and lora["rank"] > 0
+            and isinstance(lora["alpha"], number) and not isinstance(lora["alpha"], bool)
+            and math.isfinite(lora["alpha"]) and lora["alpha"] > 0
+            and isinstance(lora["dropout"], number) and not isinstance(lora["dropout"], bool)
+            and 0 <= lora["dropout"] < 1
+            and isinstance(targets, list) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets))
 
 
 def is_lora_entry(entry: Path) -> bool:
@@ -183,11 +204,17 @@ def load_lora_model(cls: Any, folder: Path, index: dict[str, Any], *, device: An
 
     config = MelFusionConfig.load(folder / CONFIG_NAME, name="model config")
     base = index["base"]
+    if base is not None and os.path.isdir(base):
+        if Path(base).resolve() == Path(folder).resolve():
+            raise OSError(f"model: {str(folder)!r} names itself as the base of its adapters")
+        if (Path(base) / LORA_INDEX).is_file():
+            raise OSError(f"model: the base {base!r} of the adapters in {str(folder)!r} is itself a LoRA model; "
+                          "adapters on adapters are not supported")
     if base is None:
         model = cls.from_config(config, device=device, dtype=dtype)
     else:
         try:
-            model = cls.from_pretrained(base, device=device, dtype=dtype)
+            model = cls.from_pretrained(base, device=device, dtype=dtype, revision=index.get("revision"))
         except OSError as exc:
             raise OSError(f"model: the LoRA adapters in {str(folder)!r} adapt the base model {base!r}, which "
                           f"could not be loaded ({exc})") from None
@@ -204,5 +231,6 @@ def load_lora_model(cls: Any, folder: Path, index: dict[str, Any], *, device: An
     if index.get("synapse") and model.synapse is not None:
         load_safetensors_into(model.synapse, folder / index["synapse"], None)
     model.name_or_path = base
+    model.revision = index.get("revision")
     model.lora_path = str(folder)
     return model

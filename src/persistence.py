@@ -152,6 +152,7 @@ def load_model(cls: Any, path: str | Path, *, device: Any = None, dtype: torch.d
             synapse = synapse.to(device)
     model = cls(config, **parts, synapse=synapse)
     model.name_or_path = str(folder.resolve()) if Path(path).is_dir() else str(path)
+    model.revision = revision  # a hub revision, kept so adapters saved on this model name it too
     return model
 
 

@@ -183,6 +183,7 @@ class MelFusion:
         self.built_with_weights = True
         #: where from_pretrained loaded the model (a folder, a shipped name or a hub id); None if built from a config
         self.name_or_path: str | None = None
+        self.revision: str | None = None  # the hub revision from_pretrained was given
         #: LoRA settings when adapters were added (melfusion.lora.add_lora), else None
         self.lora: dict[str, Any] | None = None
         #: {"device", "hooks"} while model CPU offload is enabled (enable_model_cpu_offload), else None

@@ -80,6 +80,7 @@ class Registry:
         return decorator(obj) if obj is not None else decorator
 
     def unregister(self, name: str) -> None:
+        ensure_builtin_parts()  # a built-in name unregistered stays unregistered
         self._entries.pop(name, None)
 
     # -- lookup -------------------------------------------------------------------
@@ -125,6 +126,7 @@ class Registry:
         return self.get(name)(**params)
 
     def __repr__(self) -> str:
+        ensure_builtin_parts()
         return f"Registry({self.kind!r}, names={sorted(self._entries)})"
 
 
@@ -140,8 +142,12 @@ def ensure_builtin_parts() -> None:
     if _builtins_loaded:
         return
     _builtins_loaded = True  # set first: those imports register parts, and must not recurse here
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    try:
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+    except BaseException:
+        _builtins_loaded = False  # a failed import (a missing dependency) is tried again, and raises again
+        raise
 
 
 REGISTRIES: dict[str, Registry] = {kind: Registry(kind, ENTRY_POINT_GROUPS[kind]) for kind in KINDS}

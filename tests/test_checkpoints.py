@@ -225,3 +225,11 @@ def test_a_diffusers_pipeline_folder_still_loads_vae_and_vocoder(tmp_path):
     assert codec.vae.config.scaling_factor == 0.9392935633659363
     torch.testing.assert_close(codec.vae.state_dict()["encoder.conv_in.weight"], vae.state_dict()["encoder.conv_in.weight"],
                                rtol=0, atol=0)
+
+
+def test_a_tango_folder_without_the_vae_file_names_it(tmp_path):
+    from test_loading import _save_tango, _tiny_music_unet
+
+    _save_tango(_tiny_music_unet(), tmp_path)  # pytorch_model_main.bin only
+    with pytest.raises(ValueError, match="a Tango folder without 'pytorch_model_vae.bin'"):
+        AudioLDMVAECodec(pretrained=str(tmp_path), subfolder=None, config=TINY_VAE)

@@ -161,3 +161,54 @@ def test_bfloat16_generation_stays_close_to_float32(base):
     err = np.sqrt(np.mean((low.mel - ref.mel) ** 2)) / np.std(ref.mel)
     seed_gap = np.sqrt(np.mean((other.mel - ref.mel) ** 2)) / np.std(ref.mel)
     assert err < 0.05 and err < seed_gap / 20, (err, seed_gap)
+
+
+# -- what a LoRA save and load refuse (red-team findings) ----------------------------------------------------------
+def test_adapters_are_never_saved_into_their_base(base, tmp_path):
+    before = digest(base)
+    model = mf.MelFusion.from_pretrained(base)
+    model.add_lora(rank=2)
+    for target in (base, base / "inside"):
+        with pytest.raises(ValueError, match="is \\(or is inside\\) the base model"):
+            model.save_pretrained(target)
+    link = tmp_path / "link"
+    link.symlink_to(base, target_is_directory=True)
+    with pytest.raises(ValueError, match="base model"):
+        model.save_pretrained(link)
+    assert digest(base) == before
+
+
+def test_a_lora_model_trains_only_in_lora_mode_and_keeps_its_settings(toy, base, tmp_path):
+    first = Trainer(config(toy, tmp_path / "a", mode="lora", init_from=str(base), max_steps=2, checkpoint_every=1,
+                           lora={"rank": 2, "alpha": 4.0}))
+    folder = first.train().model_path
+    with pytest.raises(ValueError, match="mode: the model .* carries LoRA adapters"):
+        Trainer(config(toy, tmp_path / "b", mode="synapse+unet", init_from=str(folder)))
+    with pytest.raises(ValueError, match="lora: the model's adapters are"):
+        Trainer(config(toy, tmp_path / "c", mode="lora", init_from=str(folder), lora={"rank": 16}))
+    again = Trainer(config(toy, tmp_path / "d", mode="lora", init_from=str(folder), max_steps=1))
+    assert again.model.lora == {"rank": 2, "alpha": 4.0, "dropout": 0.0,
+                                "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    again.close()
+    # resuming the first run with other adapter settings is another run
+    other = Trainer(config(toy, tmp_path / "a", mode="lora", init_from=str(base), max_steps=3, checkpoint_every=1,
+                           lora={"rank": 2, "alpha": 0.5}))
+    with pytest.raises(ValueError, match="resume: the checkpoint's LoRA adapters"):
+        other.train(resume=True)
+
+
+@pytest.mark.parametrize("lora", [
+    {"rank": 2, "alpha": 2.0, "dropout": 0.0, "target_modules": ["to_q"], "model": "x"},
+    {"rank": True, "alpha": 2.0, "dropout": 0.0, "target_modules": ["to_q"]},
+    {"rank": 2, "alpha": float("nan"), "dropout": 0.0, "target_modules": ["to_q"]},
+    {"rank": 2, "alpha": 2.0, "dropout": 0.0, "target_modules": "to_q"},
+    {"rank": 2, "alpha": 2.0, "dropout": 0.0, "target_modules": None},
+], ids=["extra-key", "bool-rank", "nan-alpha", "string-targets", "null-targets"])
+def test_a_malformed_lora_index_is_a_clear_error(base, tmp_path, lora):
+    model = mf.MelFusion.from_pretrained(base)
+    model.add_lora(rank=2)
+    folder = model.save_pretrained(tmp_path / "adapters")
+    index = json.loads((folder / LORA_INDEX).read_text())
+    (folder / LORA_INDEX).write_text(json.dumps(index | {"lora": lora}))
+    with pytest.raises(OSError, match="is not an index save_pretrained writes for a LoRA model"):
+        mf.MelFusion.from_pretrained(folder)

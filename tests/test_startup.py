@@ -80,3 +80,18 @@ def test_a_user_registered_part_meets_the_builtin_names():
                       "else:\n"
                       "    raise SystemExit('a built-in name was silently shadowed')")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_submodules_are_attributes_as_before():
+    done = run_python("import melfusion as mf\n"
+                      "assert 'ddim' in mf.config.SCHEDULERS and mf.datasets.synthetic.__name__.endswith('synthetic')\n"
+                      "assert mf.pipeline.MelFusion is mf.MelFusion and 'importlib' not in dir(mf)")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_unregistering_a_builtin_before_any_lookup_sticks():
+    done = run_python("from melfusion.registry import registry\n"
+                      "registry('mixer').unregister('convex')\n"
+                      "assert 'convex' not in registry('mixer') and 'per_head' in registry('mixer')\n"
+                      "assert 'per_head' in repr(registry('mixer'))")
+    assert done.returncode == 0, done.stderr[-2000:]

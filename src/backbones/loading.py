@@ -445,7 +445,11 @@ def tango_file(spec: Mapping[str, Any], what: str, filename: str = TANGO_WEIGHTS
         return Path(src)  # a single file is no diffusers folder
     if os.path.isdir(src):
         folder = Path(src, sub)
-        return folder / filename if (folder / filename).is_file() else None
+        if (folder / filename).is_file():
+            return folder / filename
+        if any((folder / name).is_file() for name in (TANGO_WEIGHTS, TANGO_VAE_WEIGHTS)):
+            raise ValueError(f"{what}: {str(folder)!r} is a Tango folder without {filename!r}")
+        return None
     if not _is_hub_id(src):
         return None  # a missing local path: build_model's error names it
     try:

@@ -7,6 +7,7 @@ The names below are imported on first use, so the manifest tools (``melfusion da
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 # public name -> the submodule that defines it
@@ -38,6 +39,8 @@ __all__ = list(_LAZY)
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a submodule: datasets.synthetic, ...
         raise AttributeError(f"module 'melfusion.datasets' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value
@@ -45,7 +48,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})
 
 
 if TYPE_CHECKING:

@@ -288,10 +288,18 @@ class Trainer:
                     cfg = cfg.model_copy(deep=True)
                     cfg.denoiser.params["prediction_type"] = config.prediction_type
                 model = MelFusion.from_config(cfg, device=self.device)
+        if model.lora and config.mode != "lora":
+            raise ValueError(f"mode: the model ({model.name_or_path or 'given'}) carries LoRA adapters, which save "
+                             f"apart from their base; mode {config.mode!r} would train weights such a save does not "
+                             "keep. Train it with mode 'lora', or start from its base model")
+        wanted = {"rank": config.lora.rank, "alpha": float(config.lora.alpha or config.lora.rank),
+                  "dropout": config.lora.dropout, "target_modules": list(config.lora.target_modules)}
+        if config.mode == "lora" and model.lora and "lora" in config.model_fields_set and wanted != model.lora:
+            raise ValueError(f"lora: the model's adapters are {model.lora!r}; this config asks for {wanted!r}. "
+                             "Leave lora out to keep training them, or start from their base model")
         if config.mode == "lora" and not model.lora:  # a LoRA folder as init_from keeps training its adapters
             check_lora_base(model, "mode")  # before any work: the adapters must name a base that loads again
-            lora = config.lora
-            model.add_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+            model.add_lora(**wanted)
         if config.gradient_checkpointing:
             model.denoiser.enable_gradient_checkpointing()
         self.model = model
@@ -781,6 +789,7 @@ class Trainer:
             "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
             "seed": self.config.seed,
             "mode": self.config.mode,
+            "lora": self.model.lora,  # the adapters' settings (mode "lora"), checked on resume
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "optimizer": opt_meta,
             "rows": len(self.rows),
@@ -839,6 +848,9 @@ class Trainer:
             if state.get(key) != getattr(self.config, key):
                 raise ValueError(f"resume: the checkpoint was written with {key}={state.get(key)!r}, this run has "
                                  f"{getattr(self.config, key)!r}; resuming would not continue the same run")
+        if self.config.mode == "lora" and state.get("lora") != self.model.lora:
+            raise ValueError(f"resume: the checkpoint's LoRA adapters were {state.get('lora')!r}, this run's are "
+                             f"{self.model.lora!r}; resuming would not continue the same run")
         trained = self._trained()
         if "trainable" not in tensors:
             raise OSError(f"resume: {str(path)!r} has no trainable.safetensors (a corrupt checkpoint?)")
