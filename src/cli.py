@@ -472,8 +472,8 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, ValidationError):
         return 2, f"error: {validation_message(exc)}"
     text = " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
-    if len(text) > 400:
-        text = text[:397] + "..."
+    if len(text) > 400:  # one line still: the start (what failed) and the end (what to do), the middle cut
+        text = text[:250] + " ... " + text[-145:]
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return 2, f"error: out of memory ({text}); try fewer samples, a shorter clip or a smaller model"
     if isinstance(exc, (ValueError, OSError, OverflowError, _yaml_error(), _bomb_error())):

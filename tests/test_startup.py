@@ -95,3 +95,11 @@ def test_unregistering_a_builtin_before_any_lookup_sticks():
                       "assert 'convex' not in registry('mixer') and 'per_head' in registry('mixer')\n"
                       "assert 'per_head' in repr(registry('mixer'))")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_long_error_keeps_its_start_and_its_hint():
+    from melfusion.cli import describe_error
+
+    code, line = describe_error(OSError("model: could not fetch 'x' " + "detail " * 100 + "Give a local folder."))
+    assert code == 2 and len(line) <= 410 and "\n" not in line
+    assert line.startswith("error: model: could not fetch") and line.endswith("Give a local folder.")
