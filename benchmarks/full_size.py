@@ -466,12 +466,16 @@ def estimates(results: dict, args) -> dict:
             e[f"cpu_batch{args.big_batch}_peak_rss_gib"] = gib(fixed + args.big_batch * act)
             if not r.get("measured"):
                 e["cpu_batch1_peak_rss_gib"] = gib(fixed + act)
+            big = max(args.big_batch, 4)
             for dtype, wbytes, ascale in (("fp32", 4, 1.0), ("bf16", 2, 0.5)):
                 weights = (params - trained) * wbytes + trained * 4
                 total = weights + 12 * trained + act * ascale
+                total_big = weights + 12 * trained + big * act * ascale  # activations grow with the batch
                 e[dtype] = {"weights_gib": gib(weights), "grads_adam_gib": gib(12 * trained),
                             "activations_gib": gib(act * ascale), "total_gib": gib(total),
-                            **{f"fits_{k}": total <= GPU_USABLE * v for k, v in GPU_CARDS.items()}}
+                            **{f"fits_{k}": total <= GPU_USABLE * v for k, v in GPU_CARDS.items()},
+                            f"total_batch{big}_gib": gib(total_big),
+                            **{f"fits_{k}_batch{big}": total_big <= GPU_USABLE * v for k, v in GPU_CARDS.items()}}
         out["training"].append(e)
     gen_rows = []
     for dtype, g in gen.items():
@@ -521,14 +525,22 @@ def table(results: dict, args) -> str:
     lines += [f"| {k} | {v:,} |" for k, v in p.items()]
     est = results.get("estimates", {})
     if est.get("training"):
-        lines += ["", "GPU memory by arithmetic (estimate), GiB: weights + grads/AdamW + activations (batch 1)", "",
-                  "| mode | trains | fp32 total | fits 24/80 GB | bf16 total | fits 24/80 GB | activations from |",
-                  "|---|---|---|---|---|---|---|"]
+        big = max(args.big_batch, 4)
+        lines += ["", "GPU memory by arithmetic (estimate), GiB: weights + grads/AdamW + activations (batch 1, "
+                  f"and batch {big} with {big}x the batch-1 activations)", "",
+                  f"| mode | trains | fp32 b1 | fits 24/80 GB | bf16 b1 | fits 24/80 GB | fp32 b{big} | fits 24/80 GB "
+                  f"| bf16 b{big} | fits 24/80 GB | activations from |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in est["training"]:
             f, h = e.get("fp32", {}), e.get("bf16", {})
-            yn = lambda d: "/".join("yes" if d.get(f"fits_{k}") else "no" for k in GPU_CARDS) if d else "-"  # noqa: E731
+
+            def yn(d, suffix=""):
+                return "/".join("yes" if d.get(f"fits_{k}{suffix}") else "no" for k in GPU_CARDS) if d else "-"
+
             lines.append(f"| {e['label']} | {e['trainable_params']:,} | {fmt(f.get('total_gib'))} | {yn(f)} | "
-                         f"{fmt(h.get('total_gib'))} | {yn(h)} | {e['activation_basis']} |")
+                         f"{fmt(h.get('total_gib'))} | {yn(h)} | {fmt(f.get(f'total_batch{big}_gib'))} | "
+                         f"{yn(f, f'_batch{big}')} | {fmt(h.get(f'total_batch{big}_gib'))} | {yn(h, f'_batch{big}')} | "
+                         f"{e['activation_basis']} |")
     lines.append(f"\nru_maxrss at the end: {fmt(results.get('ru_maxrss_gib'), '.2f')} GiB")
     return "\n".join(lines)
 
@@ -561,7 +573,9 @@ def main(argv=None) -> int:
     if args.report:
         for path in args.report:
             data = json.loads(Path(path).read_text())
-            print(table(data, argparse.Namespace(**data["args"])))
+            saved_args = argparse.Namespace(**data["args"])
+            data["estimates"] = estimates(data, saved_args)  # the arithmetic as this version computes it
+            print(table(data, saved_args))
             print()
         return 0
     if args.threads:
