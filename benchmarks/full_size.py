@@ -93,29 +93,30 @@ GPU_USABLE = 0.9  # of a card's memory, the rest for the CUDA context and alloca
 
 
 # -- memory ---------------------------------------------------------------------------------
-def rss_bytes() -> int:
-    """The process's resident set size now (VmRSS)."""
+def _proc_bytes(file: str, field: str) -> int | None:
+    """A ``field:   N kB`` line of a /proc file, in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/self/status") as f:
+        with open(file) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        pass
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    """The process's resident set size now (VmRSS)."""
+    rss = _proc_bytes("/proc/self/status", "VmRSS")
+    if rss is not None:
+        return rss
     import psutil
 
     return psutil.Process().memory_info().rss
 
 
 def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def release_memory() -> None:

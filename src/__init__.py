@@ -12,9 +12,9 @@ and a model build imports what it needs.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
 
@@ -38,20 +38,7 @@ _LAZY: dict[str, str | None] = {
 
 __all__ = [*_LAZY, "__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-            return importlib.import_module(f".{name}", __name__)  # a submodule: mf.config, mf.datasets, ...
-        raise AttributeError(f"module 'melfusion' has no attribute {name!r}")
-    module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
-    value = module if _LAZY[name] is None else getattr(module, name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly

@@ -72,11 +72,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
-def _ensure_builtin_parts() -> None:
-    """Import the modules whose classes register the built-in parts."""
-    ensure_builtin_parts()
-
-
 def _accepted_params(factory: Any) -> tuple[set[str], bool]:
     """Names a factory takes by keyword, and whether it takes arbitrary ``**kwargs``."""
     target = factory.__init__ if inspect.isclass(factory) else factory
@@ -115,7 +110,7 @@ class PartConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_part(self) -> PartConfig:
-        _ensure_builtin_parts()
+        ensure_builtin_parts()
         factory = registry(self.kind).get(self.name)  # raises with the known names
         supplied = _SUPPLIED.get(self.kind, set())
         taken = sorted(set(self.params) & supplied)
@@ -220,7 +215,7 @@ class SynapseConfig(_Strict):
     def _known_trajectory(cls, value: str) -> str:
         from .registry import registry
 
-        _ensure_builtin_parts()
+        ensure_builtin_parts()
         registry("trajectory").get(value)  # unknown: an error listing the known modes
         return value
 

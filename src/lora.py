@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LORA_INDEX", "ADAPTERS_NAME", "DEFAULT_TARGETS", "add_lora", "lora_parameters", "lora_state", "load_lora_state",
+__all__ = ["LORA_INDEX", "ADAPTERS_NAME", "DEFAULT_TARGETS", "lora_settings", "add_lora", "lora_parameters", "lora_state", "load_lora_state",
            "check_lora_base", "save_lora_model", "load_lora_model", "read_lora_index", "is_lora_entry"]
 
 LORA_INDEX = "melfusion_lora.json"
@@ -40,13 +40,10 @@ def _peft():
     return peft
 
 
-def add_lora(model: Any, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-             target_modules: Sequence[str] = DEFAULT_TARGETS) -> dict[str, Any]:
-    """Add LoRA adapters to every trainable module of ``model.denoiser`` (``MusicDenoiser.trainable_modules``);
-    only the adapters require gradients afterwards. Returns the settings, which ``model.lora`` keeps."""
-    peft = _peft()
-    if getattr(model, "lora", None):
-        raise ValueError("model: it has LoRA adapters already")
+def lora_settings(rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                  target_modules: Sequence[str] = DEFAULT_TARGETS) -> dict[str, Any]:
+    """The adapters' settings, checked and in the form ``model.lora`` and ``melfusion_lora.json`` keep them
+    (``alpha`` defaults to the rank)."""
     if not (isinstance(rank, int) and rank > 0):
         raise ValueError(f"rank: expected a positive integer, got {rank!r}")
     if not (0.0 <= float(dropout) < 1.0):
@@ -54,8 +51,19 @@ def add_lora(model: Any, rank: int = 8, alpha: float | None = None, dropout: flo
     targets = [str(t) for t in target_modules]
     if not targets:
         raise ValueError("target_modules: expected at least one module name, e.g. ['to_q', 'to_k']")
-    settings = {"rank": rank, "alpha": float(alpha if alpha is not None else rank), "dropout": float(dropout),
-                "target_modules": targets}
+    return {"rank": rank, "alpha": float(alpha if alpha is not None else rank), "dropout": float(dropout),
+            "target_modules": targets}
+
+
+def add_lora(model: Any, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+             target_modules: Sequence[str] = DEFAULT_TARGETS) -> dict[str, Any]:
+    """Add LoRA adapters to every trainable module of ``model.denoiser`` (``MusicDenoiser.trainable_modules``);
+    only the adapters require gradients afterwards. Returns the settings, which ``model.lora`` keeps."""
+    peft = _peft()
+    if getattr(model, "lora", None):
+        raise ValueError("model: it has LoRA adapters already")
+    settings = lora_settings(rank, alpha, dropout, target_modules)
+    targets = settings["target_modules"]
     for name, module in model.denoiser.trainable_modules().items():
         config = peft.LoraConfig(r=rank, lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
                                  target_modules=targets, init_lora_weights=True)

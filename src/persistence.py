@@ -19,8 +19,8 @@ import torch
 from .backbones.loading import is_hub_id
 from .config import MelFusionConfig
 
-__all__ = ["save_model", "load_model", "read_index", "is_model_entry", "owned_entry", "load_safetensors_into", "SHIPPED_MODELS", "shipped_model_path",
-           "PARTS", "CONFIG_NAME", "INDEX_NAME"]
+__all__ = ["save_model", "load_model", "read_index", "is_model_entry", "owned_entry", "load_safetensors_into",
+           "SHIPPED_MODELS", "shipped_model_path", "PARTS", "CONFIG_NAME", "INDEX_NAME"]
 
 PARTS = ("feature_source", "denoiser", "text_encoder", "codec", "vocoder")
 CONFIG_NAME = "melfusion_config.json"

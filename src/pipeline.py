@@ -302,8 +302,7 @@ class MelFusion:
         from accelerate import cpu_offload_with_hook
 
         device = torch.device(device)
-        self.disable_model_cpu_offload()
-        self.to("cpu")
+        self.to("cpu")  # removes any earlier offload hooks too
         hooks, previous = [], None
         for name in self.OFFLOAD_ORDER:
             for module in getattr(self, name).stored_modules().values():

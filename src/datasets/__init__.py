@@ -6,9 +6,9 @@ The names below are imported on first use, so the manifest tools (``melfusion da
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_attributes
 
 # public name -> the submodule that defines it
 _LAZY = {
@@ -36,19 +36,7 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-            return importlib.import_module(f".{name}", __name__)  # a submodule: datasets.synthetic, ...
-        raise AttributeError(f"module 'melfusion.datasets' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:

@@ -599,12 +599,10 @@ def _rebased(value: str, resolved: Path, base: Path, new_base: Path) -> str:
 # --------------------------------------------------------------------------------------------------- CLI
 
 
-DATA_HELP = "check a manifest, or split it into train/val/test (docs/datasets.md)"
-
-
 def add_data_parser(sub) -> None:
     """Add ``melfusion data check``, ``split`` and ``synthetic`` to the CLI's subparsers ``sub``."""
-    add_data_arguments(sub.add_parser("data", help=DATA_HELP))
+    add_data_arguments(sub.add_parser("data", help="check a manifest, or split it into train/val/test "
+                                                   "(docs/datasets.md)"))
 
 
 def add_data_arguments(d) -> None:

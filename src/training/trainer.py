@@ -40,7 +40,7 @@ from torch import nn
 
 from ..checks import NonFiniteError, check_size, non_finite_names, positive_int
 from ..files import OutputExistsError, atomic_path
-from ..lora import check_lora_base, lora_parameters
+from ..lora import check_lora_base, lora_parameters, lora_settings
 from ..pipeline import MelFusion
 from ..schedules import edm_training_sigmas, same_ddpm_schedule, snr_to_timesteps
 from ..synapse.features import FeatureCache, tensor_digest
@@ -292,8 +292,7 @@ class Trainer:
             raise ValueError(f"mode: the model ({model.name_or_path or 'given'}) carries LoRA adapters, which save "
                              f"apart from their base; mode {config.mode!r} would train weights such a save does not "
                              "keep. Train it with mode 'lora', or start from its base model")
-        wanted = {"rank": config.lora.rank, "alpha": float(config.lora.alpha or config.lora.rank),
-                  "dropout": config.lora.dropout, "target_modules": list(config.lora.target_modules)}
+        wanted = lora_settings(config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules)
         if config.mode == "lora" and model.lora and "lora" in config.model_fields_set and wanted != model.lora:
             raise ValueError(f"lora: the model's adapters are {model.lora!r}; this config asks for {wanted!r}. "
                              "Leave lora out to keep training them, or start from their base model")
