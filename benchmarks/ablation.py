@@ -20,7 +20,9 @@ every caption dropped (image only), and the decoder model with both; two control
 (alpha forced to 0, pictures swapped between rows) show the image information travels through the synapse.
 
 Writes ``OUTPUT/results.json``, ``OUTPUT/results.md`` (the tables) and ``OUTPUT/results.png`` (the same
-accuracies as bars). Re-running reuses finished variants.
+accuracies as bars with +-1 standard error; the scorer stores only each accuracy and the clip count, and
+:func:`accuracy_se` derives the standard error from them: the per-clip outcomes are 0/1). Re-running reuses
+finished variants.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -64,7 +67,7 @@ def _table(title: str, rows: list[tuple[str, dict]]) -> list[str]:
 
 def report(results: dict, music_steps: int, out: Path) -> str:
     """Write ``out/results.md`` (Tables 2 and 4 and the controls) and ``out/results.png`` (the same
-    accuracies as bars, chance marked); return the markdown."""
+    accuracies as bars with standard errors, chance marked: :func:`ablation_figure`); return the markdown."""
     n_rows = next(iter(results.values()))["both"]["n"] if results else 0
     lines = [f"Held-out synthetic set ({n_rows} clips), {music_steps} music training steps per variant.", ""]
     bars: list[tuple[str, dict]] = []
@@ -99,30 +102,63 @@ def report(results: dict, music_steps: int, out: Path) -> str:
     return text
 
 
-def _plot(bars: list[tuple[str, dict]], path: Path, subtitle: str) -> None:
-    import matplotlib
+def accuracy_se(accuracy: float, n: int) -> float:
+    """The standard error of an accuracy over ``n`` clips, as a fraction.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    results.json keeps each attribute's accuracy and the clip count, not the per-clip outcomes; those are 0/1
+    (right or wrong) with ``round(accuracy * n)`` ones, so the accuracy and ``n`` determine them exactly. Their
+    sample standard deviation (``ddof=1``) over ``sqrt(n)`` is ``sqrt(p (1 - p) / (n - 1))``: zero at 0 or 100 %
+    (where it understates the uncertainty), and 0 when ``n < 2``.
+    """
+    n = int(n)
+    if n < 2:
+        return 0.0
+    p = round(float(accuracy) * n) / n
+    return math.sqrt(p * (1.0 - p) / (n - 1))
 
-    fig, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(3.2 * len(ATTRIBUTES), 3.6), sharey=True)
-    colours = plt.get_cmap("tab10").colors
+
+def ablation_figure(bars: list[tuple[str, dict]], subtitle: str):
+    """The chart of ``results.png`` as a matplotlib ``Figure`` (plain, not registered with pyplot): one panel per
+    attribute, one horizontal bar per row of the tables (named on the left, its FD beside the name), the
+    accuracy in % printed at each bar, +-1 standard error (:func:`accuracy_se`, from the clip count) as error
+    bars and chance as a dashed line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.0 * len(ATTRIBUTES) + 3.4, 0.42 * len(bars) + 1.9))
+    axes = fig.subplots(1, len(ATTRIBUTES), sharey=True)
+    colours = [f"C{i % 10}" for i in range(len(bars))]
+    rows = range(len(bars))
     for ax, attribute in zip(axes, ATTRIBUTES, strict=True):
         values = [100 * score["accuracy"][attribute] for _, score in bars]
-        ax.bar(range(len(bars)), values, color=[colours[i % 10] for i in range(len(bars))])
-        ax.axhline(100 * CHANCE[attribute], color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"{attribute} (chance {100 * CHANCE[attribute]:.0f} %)", fontsize=10)
-        ax.set_xticks([])
-        ax.set_ylim(0, 100)
-    axes[0].set_ylabel("recovered from the audio, %")
-    fig.legend([plt.Rectangle((0, 0), 1, 1, color=colours[i % 10]) for i in range(len(bars))],
-               [f"{name} (FD {score['fd']:.0f})" for name, score in bars], loc="lower center",
-               ncol=min(4, len(bars)), fontsize=8, frameon=False)
-    fig.suptitle(f"MeLFusion ablations on the synthetic world: {subtitle}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
+        errors = [100 * accuracy_se(score["accuracy"][attribute], score.get("n", 0)) for _, score in bars]
+        ax.barh(rows, values, xerr=errors, color=colours, height=0.7, capsize=2.5,
+                error_kw={"elinewidth": 0.9, "ecolor": "0.2"})
+        for y, (value, error) in enumerate(zip(values, errors, strict=True)):
+            ax.text(value + error + 1.5, y, f"{value:.0f}", va="center", ha="left", fontsize=7.5,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.85})
+        chance = 100 * CHANCE[attribute]
+        ax.axvline(chance, color="black", linestyle="--", linewidth=0.9)
+        ax.set_title(f"{attribute} (chance {chance:.0f} %)", fontsize=9.5)
+        ax.set_xlim(0, 114)
+        ax.set_xticks([0, 25, 50, 75, 100])
+        ax.set_xlabel("read back from the audio, % of clips", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.25)
+    axes[0].set_yticks(list(rows), [f"{name}  (FD {score['fd']:.0f})" for name, score in bars], fontsize=8)
+    axes[0].invert_yaxis()  # the tables' order, top to bottom
+    axes[0].set_ylabel("model / condition  (FD: lower is better)", fontsize=8)
+    n = sorted({int(score.get("n", 0)) for _, score in bars})
+    fig.suptitle(f"MeLFusion ablations on the synthetic world: {subtitle}\n"
+                 f"bars: accuracy of each attribute; error bars: \u00b11 standard error over "
+                 f"{'/'.join(map(str, n))} clips; dashed: chance", fontsize=9.5)
+    fig.tight_layout()
+    return fig
+
+
+def _plot(bars: list[tuple[str, dict]], path: Path, subtitle: str) -> None:
+    fig = ablation_figure(bars, subtitle)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,11 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-from", default=None,
                         help="take the frozen image LDM from this trained mini model (e.g. runs/mini/model) "
                              "instead of training one in the first variant")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and score nothing: redraw results.md and results.png from OUTPUT/results.json "
+                             "(benchmarks/results/ablation holds the measured one docs/images/ablation.png shows)")
     args = parser.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.report_only:
+        if not results:
+            parser.error(f"--report-only: no results in {results_path}")
+        print(report(results, args.music_steps, out))
+        return 0
     image_from = args.image_from
     for name in args.variants:
         # the classic recipe these tables were measured with: 64 px disc pictures, no augmentation

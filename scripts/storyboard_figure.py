@@ -15,6 +15,7 @@ import numpy as np
 
 from melfusion import MelFusion
 from melfusion.datasets.synthetic import REGISTERS, TEMPO_OF_COLOUR, TEMPOS, read_attributes, render_picture
+from melfusion.plots import draw_mel
 
 ROOT = Path(__file__).resolve().parent.parent
 #: (label, colour, shade, family): bright-warm, dark-cool, bright-cool, dark-warm
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "a calm flute melody"
     out = model.generate(images=pictures, text=text, num_inference_steps=args.steps, seed=args.seed, progress=False)
     sr, wave = out.sample_rate, out.waveforms[0]
-    mel = out.mel[0]  # (frames, mels), log magnitude
+    mel = out.mel[0]  # (frames, mels), natural log of the mel magnitude
     seconds = wave.size / sr
     fig = plt.figure(figsize=(11, 4.6), constrained_layout=True)
     grid = fig.add_gridspec(2, len(SECTIONS), height_ratios=[1, 2.4])
@@ -49,19 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         ax.imshow(pic)
         heard = read_attributes(wave[int(a * sr): int(b * sr)], sr)
         reg = REGISTERS[heard.register][0] if heard.register is not None else "?"
-        tempo = TEMPOS[heard.tempo][0]
+        tempo = TEMPOS[heard.tempo][0] if heard.tempo is not None else "?"
         want = f"{REGISTERS[shade][0]}, {TEMPOS[TEMPO_OF_COLOUR[colour]][0]}"
         ax.set_title(f"{label} ({family})\nwants {want}; heard {reg}, {tempo}", fontsize=9)
         ax.axis("off")
     ax = fig.add_subplot(grid[1, :])
-    image = ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, mel.shape[1]))
+    # time in s, frequency in Hz on the mel axis, dB colours: the axes of GenerationOutput.save_spectrogram
+    image, label = draw_mel(ax, mel, **out.mel_params)
+    ax.set_xlim(0, seconds)
     for a, _ in out.sections[1:]:
         ax.axvline(a, color="white", linestyle="--", linewidth=1.2)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("mel band (0-8 kHz)")
     ax.set_title(f"storyboard of four pictures, {out.sections[0][1]:.2f} s each, caption {text!r} "
                  f"(dashed: section boundaries, {model.config.sampling.seconds / 5:.2f} s crossfade)", fontsize=10)
-    fig.colorbar(image, ax=ax, label="log mel magnitude", pad=0.01)
+    fig.colorbar(image, ax=ax, label=label, pad=0.01)
     from melfusion.files import atomic_path
 
     with atomic_path(args.out) as tmp:

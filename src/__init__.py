@@ -34,6 +34,9 @@ _LAZY: dict[str, str | None] = {
     "synapse": None,
     "backbones": None,
     "vocoders": None,
+    "disable_progress_bars": "progress",
+    "enable_progress_bars": "progress",
+    "progress_bars_enabled": "progress",
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -54,3 +57,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         Vocoder,
     )
     from .pipeline import GenerationOutput, MelFusion  # noqa: F401
+    from .progress import disable_progress_bars, enable_progress_bars, progress_bars_enabled  # noqa: F401

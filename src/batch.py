@@ -457,9 +457,11 @@ def generate_manifest(
 
     from tqdm.auto import tqdm
 
+    from .progress import show_progress
+
     total_rows = sum(len(b) for b, _ in todo)
     bar = tqdm(total=total_rows, desc="generate" if world == 1 else f"generate [{rank}/{world}]", unit="row",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True, position=rank if world > 1 else None)
+               disable=not show_progress(progress), file=sys.stderr, dynamic_ncols=True, position=rank if world > 1 else None)
     forcing = model.synapse.mixer.forced(settings["alpha"]) if alpha is not None else nullcontext()
     try:
         with forcing:

@@ -580,7 +580,8 @@ def generate_long(model: Any, req: Any, lreq: LongRequest, sched: Any, generator
     if given is not None:
         waves = np.stack([_composite(given, w, lreq.keep, model.sample_rate, lreq.seam) for w in waves])
     prompts = [piece[0].text for piece in pieces for _ in range(samples)]
-    out = GenerationOutput(waveforms=waves, sample_rate=model.sample_rate, mel=mel, texts=prompts)
+    out = GenerationOutput(waveforms=waves, sample_rate=model.sample_rate, mel=mel, texts=prompts,
+                           mel_params=model.mel_params())
     out.sections = [(sec.start, sec.end) for sec in pieces[0]]
     return out
 

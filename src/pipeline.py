@@ -17,7 +17,8 @@ through :mod:`melfusion.interfaces`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from .persistence import (
     save_model,
     shipped_model_path,
 )
+from .progress import sync_progress_bars
 from .sampling import (
     StepCallback,
     cap_timesteps,
@@ -73,6 +75,10 @@ class GenerationOutput:
     texts: list[str] = field(default_factory=list)
     #: the ``(start, end)`` seconds of each section of a long piece or storyboard (empty for one clip)
     sections: list[tuple[float, float]] = field(default_factory=list)
+    #: how ``mel`` was computed, for plots: ``sample_rate``, ``hop_length``, ``fmin``, ``fmax`` (Hz) and
+    #: ``values`` (``"ln_amplitude"``: the natural log of the mel magnitude); see :meth:`MelFusion.mel_params`.
+    #: None (a hand-made output): the spectrogram's axes are frames and mel bands
+    mel_params: dict[str, Any] | None = None
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> list[Path]:
         """Write WAV (or FLAC/OGG, by suffix) file(s): ``path`` for one sample, ``stem_i.wav`` for several.
@@ -108,7 +114,9 @@ class GenerationOutput:
         return paths
 
     def save_spectrogram(self, path: str | Path, index: int = 0, *, overwrite: bool = False) -> Path:
-        """Write the mel spectrogram of sample ``index`` as a PNG (time left to right, low pitch at the bottom)."""
+        """Write the mel spectrogram of sample ``index`` as a PNG figure: time (s) left to right, frequency (Hz,
+        mel scale) upwards, a dB colour bar, the sample's prompt as the title and, for a storyboard or long
+        piece, the section boundaries as faint dashed lines (see :func:`melfusion.plots.spectrogram_png`)."""
         from .plots import spectrogram_png
 
         check_output(path, "path", overwrite=overwrite, suffixes=(".png",))
@@ -120,7 +128,9 @@ class GenerationOutput:
             raise ValueError(f"mel: expected (frames, mels) per sample, got shape {one.shape}")
         if not np.isfinite(one).all():
             raise NonFiniteError("mel: NaN or infinite values; nothing was written")
-        return spectrogram_png(one, path, overwrite=overwrite)
+        prompt = self.texts[index] if len(self.texts) == len(mel) else None
+        return spectrogram_png(one, path, overwrite=overwrite, title=prompt, sections=self.sections,
+                               **(self.mel_params or {}))
 
 
 #: the audio formats GenerationOutput.save writes, by suffix
@@ -211,6 +221,7 @@ class MelFusion:
         elif not isinstance(config, MelFusionConfig):
             raise ValueError(f"config: expected a MelFusionConfig, a preset name or a dict, got {type(config).__name__}")
         device, dtype = check_device(device), check_dtype(dtype)
+        sync_progress_bars()  # melfusion.disable_progress_bars() reaches transformers' and diffusers' bars too
         common = dict(weights=weights, device=device, dtype=dtype)
         feature_source = config.feature_source.build(**common)
         denoiser = config.denoiser.build(**common)
@@ -270,6 +281,7 @@ class MelFusion:
                         revision: str | None = None) -> MelFusion:
         """Load a model written by :meth:`save_pretrained`: a local folder, the name of a model shipped in the
         package (``"mini"``, the embedded default; a local folder of that name wins), or a hub id when online."""
+        sync_progress_bars()
         return load_model(cls, path, device=device, dtype=dtype, revision=revision)
 
     def add_lora(self, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
@@ -289,6 +301,30 @@ class MelFusion:
         ``dynamic=True``. The first generation after it pays the compilation."""
         self.denoiser.compile(**kwargs)
         return self
+
+    @contextlib.contextmanager
+    def image_strength(self, strength: float) -> Iterator[MelFusion]:
+        """Within the block, the picture's strength is ``strength``: 1 as trained, 0 text only, between them
+        every synapse weight scaled by it (each layer's mixed keys and values move that fraction of the way
+        from the text-only ones: the same as scaling every alpha for the linear mixers, and a blend of the
+        mixer's output with the text-only one for any other). ``with model.image_strength(0.5): model.generate(...)``;
+        the gradio app's "image strength" slider. Values above 1 would extrapolate past the trained mix and are
+        refused."""
+        strength = finite_float(strength, "strength")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength: expected a number in [0, 1] (1 as trained, 0 text only), got {strength:g}")
+        if self.synapse_hook is None:
+            if strength != 1.0:
+                raise ValueError("strength: this model has no synapse (synapse.enabled is false): the picture is "
+                                 "not used, so its strength cannot change")
+            yield self
+            return
+        state = self.synapse_hook.state
+        previous, state.strength = state.strength, strength
+        try:
+            yield self
+        finally:
+            state.strength = previous
 
     #: the order in which generation runs the parts (model CPU offload chains them in it)
     OFFLOAD_ORDER = ("text_encoder", "feature_source", "denoiser", "codec", "vocoder")
@@ -360,6 +396,27 @@ class MelFusion:
     @property
     def sample_rate(self) -> int:
         return self.vocoder.sample_rate
+
+    def mel_front_end(self) -> Any:
+        """The :class:`~melfusion.datasets.mel.MelFrontEnd` whose log-mel :attr:`GenerationOutput.mel` holds: the
+        config's (rate, hop, bands) for a mel codec, whose decoded latent is that log-mel; for a waveform codec
+        the one that measures the output audio (its rate, the same hop in seconds)."""
+        from .datasets.mel import MelFrontEnd
+
+        c = self.config
+        if self.codec.output == "mel":
+            return MelFrontEnd(sample_rate=c.sample_rate, hop_length=c.hop_length, n_mels=c.n_mels)
+        rate = self.sample_rate
+        hop = max(1, int(round(c.hop_length * rate / c.sample_rate)))
+        return MelFrontEnd(sample_rate=rate, hop_length=hop, n_mels=c.n_mels)
+
+    def mel_params(self) -> dict[str, Any]:
+        """How :attr:`GenerationOutput.mel` is computed, as :func:`melfusion.plots.spectrogram_png` takes it:
+        ``sample_rate``, ``hop_length``, ``fmin``, ``fmax`` (Hz) and ``values`` (the natural log of the mel
+        magnitude, floored at the front end's ``log_floor``)."""
+        fe = self.mel_front_end()
+        return {"sample_rate": fe.sample_rate, "hop_length": fe.hop_length, "fmin": fe.fmin, "fmax": fe.fmax,
+                "values": "ln_amplitude"}
 
     # -- shapes -----------------------------------------------------------------------
     def probe_shape(self) -> tuple[int, ...]:
@@ -521,7 +578,7 @@ class MelFusion:
             mel = decoded[..., : -(-int(round(seconds * c.sample_rate)) // c.hop_length), :]
             mel_np = mel[:, 0].cpu().numpy() if mel.ndim == 4 else mel.cpu().numpy()
         else:  # a waveform codec: the mel of the mix, for plots
-            mel_np = _display_mel(waves, self.sample_rate, c)
+            mel_np = _display_mel(waves, self.mel_front_end())
         if peak_normalize:
             peak = np.abs(waves).max(axis=tuple(range(1, waves.ndim)), keepdims=True)
             waves = np.where(peak > 0.99, waves * (0.99 / np.maximum(peak, 1e-12)), waves)
@@ -654,7 +711,8 @@ class MelFusion:
                         progress=progress, on_nonfinite=nonfinite, model_timesteps=schedule.model_timesteps(sched))
         waves, mel = self.decode(final, req.seconds, peak_normalize)
         prompts = [t for t in req.texts for _ in range(req.samples)]
-        return GenerationOutput(waveforms=waves, sample_rate=self.sample_rate, mel=mel, texts=prompts)
+        return GenerationOutput(waveforms=waves, sample_rate=self.sample_rate, mel=mel, texts=prompts,
+                                mel_params=self.mel_params())
 
 
     def _beyond_window(self, seconds: Any, window_seconds: Any) -> bool:
@@ -702,14 +760,10 @@ def probe_shape(config: MelFusionConfig, codec: Any, denoiser: Any) -> tuple[int
     return tuple(denoiser.latent_shape(shape, round_up=True))
 
 
-def _display_mel(waves: np.ndarray, sample_rate: int, config: MelFusionConfig) -> np.ndarray:
-    """Log-mel ``(batch, frames, mels)`` of each clip's channel mix, for spectrogram plots."""
-    from .datasets.mel import MelFrontEnd
-
+def _display_mel(waves: np.ndarray, front_end: Any) -> np.ndarray:
+    """Log-mel ``(batch, frames, mels)`` of each clip's channel mix by ``front_end``, for spectrogram plots."""
     mono = waves.mean(axis=1) if waves.ndim == 3 else waves
-    hop = max(1, int(round(config.hop_length * sample_rate / config.sample_rate)))
-    fe = MelFrontEnd(sample_rate=sample_rate, hop_length=hop, n_mels=config.n_mels)
-    return fe.batch(torch.from_numpy(np.ascontiguousarray(mono))).cpu().numpy()
+    return front_end.batch(torch.from_numpy(np.ascontiguousarray(mono))).cpu().numpy()
 
 
 def check_dtype(dtype: Any) -> torch.dtype | None:

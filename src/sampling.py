@@ -139,9 +139,11 @@ def denoise(model: Any, latents: torch.Tensor, scheduler: Any, predict: Callable
 def _denoise(model, latents, scheduler, predict, generator, callback, progress, on_nonfinite, model_timesteps):
     from tqdm.auto import tqdm
 
+    from .progress import show_progress
+
     kwargs = _step_kwargs(scheduler, generator)
     scale = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers take the latents as they are
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="melfusion", disable=not progress, leave=False)):
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="melfusion", disable=not show_progress(progress), leave=False)):
         x = scale(latents, t) if scale is not None else latents
         pred = predict(x, model_timesteps[i] if model_timesteps is not None else t, i)
         latents = scheduler.step(pred, t, latents, **kwargs).prev_sample

@@ -57,7 +57,9 @@ def _batches(n: int, batch: int, steps: int, seed: int):
 def _progress(steps: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, desc=desc, disable=not enabled, dynamic_ncols=True)
+    from ..progress import show_progress
+
+    return tqdm(total=steps, desc=desc, disable=not show_progress(enabled), dynamic_ncols=True)
 
 
 def _check_stage(steps: int, batch_size: int, lr: float, seed: int) -> None:

@@ -481,7 +481,9 @@ def validate_manifest(path_or_rows: str | Path | Sequence[Triplet], *, policy: s
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(rows, desc="validating", unit="row")
+        from ..progress import show_progress
+
+        iterator = tqdm(rows, desc="validating", unit="row", disable=not show_progress())
     for triplet in iterator:
         if not isinstance(triplet, Triplet):
             raise ValueError(f"path_or_rows: expected Triplets, got a {type(triplet).__name__}")

@@ -58,10 +58,12 @@ def embed_files(embedder: Any, files: Sequence[Path], cache: EmbeddingCache | No
     """
     from tqdm.auto import tqdm
 
+    from ..progress import show_progress
+
     identity = embedder.identity()
     resampling = f"{embedder.sample_rate}Hz:{RESAMPLER}:mono-mean"
     out: dict[str, list[np.ndarray]] = {name: [] for name in embedder.outputs}
-    for path in tqdm(files, desc=desc or embedder.name, disable=not progress, leave=False, file=sys.stderr):
+    for path in tqdm(files, desc=desc or embedder.name, disable=not show_progress(progress), leave=False, file=sys.stderr):
         keys = None
         if cache is not None:
             digest = file_sha256(path)

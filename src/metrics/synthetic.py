@@ -120,6 +120,7 @@ def score_synthetic(model, manifest: str | Path, *, limit: int | None = None, nu
     from tqdm.auto import tqdm
 
     from ..metrics.frechet import frechet_distance
+    from ..progress import show_progress
 
     batch_size = positive_int(batch_size, "batch_size")
     rows = read_synthetic_rows(manifest, limit)
@@ -135,7 +136,7 @@ def score_synthetic(model, manifest: str | Path, *, limit: int | None = None, nu
     use_image = model.synapse is not None
     readings: list[AttributeReading] = []
     generated = []
-    bar = tqdm(total=len(rows), desc="score", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(rows), desc="score", disable=not show_progress(progress), dynamic_ncols=True)
     forcing = model.synapse.mixer.forced(alpha) if (alpha is not None and use_image) else nullcontext()
     with forcing:
         for start in range(0, len(rows), batch_size):

@@ -194,6 +194,9 @@ class SynapseState:
     timestep: torch.Tensor | None = None
     image_rows: torch.Tensor | None = None
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: the image's strength: each mixed ``K'`` becomes ``lerp(K, K', strength)`` (for the linear mixers the same
+    #: as every alpha scaled by it); 1 as trained, 0 text only
+    strength: float = 1.0
 
 
 class SynapseHook:
@@ -261,8 +264,16 @@ class SynapseHook:
         shared = value is key and image_v is image_k  # a context injection point: one mix serves both
         image_k = self._prepare(layer, image_k, key)
         image_v = image_k if shared else self._prepare(layer, image_v, value)
+        if state.strength == 0.0:  # text only: exactly the keys and values without the picture
+            return key, value
         mixed_k = self.mixer(index, key, image_k, state.timestep)
         mixed_v = mixed_k if shared else self.mixer(index, value, image_v, state.timestep)
+        if state.strength != 1.0:
+            from .mixers import mix
+
+            weight = torch.tensor(state.strength, dtype=torch.float32, device=key.device)
+            mixed_k = mix(key, mixed_k, weight)
+            mixed_v = mixed_k if shared else mix(value, mixed_v, weight)
         rows = state.image_rows
         if rows is not None:
             rows = rows.to(device=key.device, dtype=torch.bool).view(-1, 1, 1, 1)

@@ -3,7 +3,10 @@
 ``output/train_log.csv`` has one row per logged step: ``step``, ``loss``,
 ``lr_<group>`` per parameter group, ``samples_per_s``, ``grad_norm`` and
 ``alpha_<i>`` per synapse layer (the mean over heads). ``output/training.png``
-plots the loss (raw and smoothed) and each layer's alpha against the step.
+plots the loss against the optimizer step (raw, faint, behind its debiased exponential moving average:
+:func:`debiased_ema`, as TensorBoard smooths) with the loss named by what it measures (:func:`loss_name`:
+the MSE on epsilon or on v, by the denoiser's prediction type), and each layer's alpha (the weight of the
+picture's keys and values) against the step, labelled by layer (a colour bar past ten layers).
 """
 
 from __future__ import annotations
@@ -12,22 +15,87 @@ import csv
 import importlib.util
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..files import write_atomic
 
-__all__ = ["TrainingLog", "plot_training_log"]
+__all__ = ["TrainingLog", "plot_training_log", "training_figure", "debiased_ema", "loss_name", "smoothing_weight"]
+
+#: the loss curve's smoothing weight is ``1 - SMOOTHING_POINTS / logged points`` within [0.6, 0.99]: the average
+#: reaches back about a tenth of the run (TensorBoard's slider is 0.6 by default; 0 is none)
+SMOOTHING_POINTS = 10.0
+SMOOTHING_RANGE = (0.6, 0.99)
+
+
+def smoothing_weight(points: int) -> float:
+    """The default smoothing weight for a loss curve of ``points`` logged values (see :data:`SMOOTHING_POINTS`)."""
+    lo, hi = SMOOTHING_RANGE
+    return round(min(max(1.0 - SMOOTHING_POINTS / max(points, 1), lo), hi), 2)
+#: more synapse layers than this get a colour bar instead of a legend
+LEGEND_LAYERS = 10
+
+
+def loss_name(prediction_type: str = "epsilon", family: str = "ddpm", min_snr_gamma: float | None = None) -> str:
+    """What the training loss measures, for the plot: the mean squared error on the denoiser's target.
+
+    ``ddpm``: ``epsilon`` -> "MSE on ε", ``v_prediction`` -> "MSE on v"; ``edm``: the preconditioned network
+    output F (whose target is ε- or v-like by the prediction type); ``flow``: the velocity ε − x₀. Min-SNR-γ
+    weighting (ddpm only) is named too.
+    """
+    if family == "flow":
+        name = "MSE on v (flow velocity ε − x₀)"
+    else:
+        target = {"epsilon": "ε", "v_prediction": "v"}.get(prediction_type, str(prediction_type))
+        name = f"MSE on {target}" if family == "ddpm" else f"MSE on F (EDM-preconditioned {target})"
+    if min_snr_gamma is not None and family == "ddpm":
+        name = f"min-SNR-γ ({min_snr_gamma:g}) weighted {name}"
+    return name
+
+
+def debiased_ema(values: Sequence[float], weight: float) -> list[float]:
+    """The exponential moving average TensorBoard draws: ``s_t = w s_{t-1} + (1 - w) x_t`` from ``s_0 = 0``,
+    shown as ``s_t / (1 - w^t)`` (dividing out the zero start's bias), ``t`` counting the finite values.
+
+    Computed in the algebraically equal running-mean form ``m_t = m_{t-1} + (x_t - m_{t-1}) (1 - w) / (1 - w^t)``
+    (so ``m_1 = x_1``, a constant stays exactly that constant and every ``m_t`` lies within the inputs so far);
+    a NaN or infinite value is passed through and does not move the average. ``weight`` in [0, 1); 0 returns
+    the input.
+    """
+    w = float(weight)
+    if not 0.0 <= w < 1.0:
+        raise ValueError(f"weight: expected a number in [0, 1), got {weight!r}")
+    out: list[float] = []
+    mean, t = 0.0, 0
+    for value in values:
+        x = float(value)
+        if not math.isfinite(x):
+            out.append(x)
+            continue
+        t += 1
+        gain = (1.0 - w) / (1.0 - w ** t)
+        if gain >= 1.0:  # the first value, or no smoothing
+            mean = x
+        else:  # between the previous mean and x in exact arithmetic; clipped so rounding cannot leave it
+            mean = min(max(mean + (x - mean) * gain, min(mean, x)), max(mean, x))
+        out.append(mean)
+    return out
 
 
 class TrainingLog:
     """Writes on the main process only (``enabled``); a resumed run first drops rows after its step."""
 
-    def __init__(self, output: str | Path, *, enabled: bool = True, tensorboard: bool = True, plot: bool = True):
+    def __init__(self, output: str | Path, *, enabled: bool = True, tensorboard: bool = True, plot: bool = True,
+                 loss_name: str = "loss", layer_names: Sequence[str] | None = None):
         self.output = Path(output)
         self.path = self.output / "train_log.csv"
         self.png = self.output / "training.png"
         self.enabled = enabled
         self.want_plot = plot
+        #: what the loss measures (the plot's y label; see :func:`loss_name`)
+        self.loss_name = loss_name
+        #: the synapse's music layers, in the order of the ``alpha_<i>`` columns (the plot's legend)
+        self.layer_names = list(layer_names) if layer_names is not None else None
         self._writer = None
         if enabled and tensorboard and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -69,7 +137,7 @@ class TrainingLog:
     def plot(self) -> Path | None:
         if not (self.enabled and self.want_plot and self.path.is_file()):
             return None
-        return plot_training_log(self.path, self.png)
+        return plot_training_log(self.path, self.png, loss_name=self.loss_name, layer_names=self.layer_names)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -77,13 +145,29 @@ class TrainingLog:
             self._writer = None
 
 
-def plot_training_log(csv_path: str | Path, png_path: str | Path) -> Path | None:
-    """Loss (raw and smoothed) and alphas per layer against the step, as a PNG; None if the log is empty."""
-    import matplotlib
+def plot_training_log(csv_path: str | Path, png_path: str | Path, *, loss_name: str = "loss",
+                      layer_names: Sequence[str] | None = None, smoothing: float | None = None) -> Path | None:
+    """The training log as a PNG (:func:`training_figure`), written atomically; None if the log is empty."""
+    fig = training_figure(csv_path, loss_name=loss_name, layer_names=layer_names, smoothing=smoothing)
+    if fig is None:
+        return None
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)  # Agg, whatever pyplot's backend is
+    png_path = Path(png_path)
+    write_atomic(png_path, buffer.getvalue())
+    return png_path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def training_figure(csv_path: str | Path, *, loss_name: str = "loss", layer_names: Sequence[str] | None = None,
+                    smoothing: float | None = None):
+    """The matplotlib ``Figure`` of a training log (None if it has no rows): the loss against the optimizer step
+    (raw, faint, behind its :func:`debiased_ema` with weight ``smoothing``, by default
+    :func:`smoothing_weight`; a log axis when it spans more than a decade) and, when the log
+    has ``alpha_<i>`` columns, each synapse layer's alpha against the step (a legend named by ``layer_names``,
+    or a colour bar past :data:`LEGEND_LAYERS` layers). A plain ``Figure``, never registered with pyplot."""
+    import matplotlib
     import numpy as np
+    from matplotlib.figure import Figure
 
     _, rows = read_log(csv_path)
     if not rows:
@@ -92,35 +176,49 @@ def plot_training_log(csv_path: str | Path, png_path: str | Path) -> Path | None
     loss = np.array([float(r["loss"]) for r in rows])
     alpha_keys = [k for k in rows[0] if k.startswith("alpha_")]
     panels = 2 if alpha_keys else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    ax.plot(steps, loss, color="0.75", lw=1, label="loss")
-    if len(loss) > 2:
-        smooth = np.empty_like(loss)
-        smooth[0] = loss[0]
-        for i in range(1, len(loss)):
-            smooth[i] = 0.9 * smooth[i - 1] + 0.1 * loss[i]
-        ax.plot(steps, smooth, color="C0", lw=2, label="smoothed")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("training loss")
-    ax.legend(frameon=False)
+    fig = Figure(figsize=(5.6 * panels, 3.8))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
+    if smoothing is None:
+        smoothing = smoothing_weight(len(loss))
+    smoothed = len(loss) > 2 and smoothing > 0
+    ax.plot(steps, loss, color="C0", alpha=0.3 if smoothed else 1.0, lw=1, marker="" if len(loss) > 1 else "o",
+            label="logged loss" if smoothed else "loss")
+    if smoothed:
+        ax.plot(steps, debiased_ema(loss, smoothing), color="C0", lw=2,
+                label=f"smoothed (debiased EMA, w = {smoothing:g})")
+    finite = loss[np.isfinite(loss)]
+    if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"loss: {loss_name}")
+    ax.set_title("training loss", fontsize=10)
+    ax.grid(alpha=0.25)
+    ax.legend(frameon=False, fontsize=8)
     if alpha_keys:
-        ax = axes[0, 1]
-        cmap = plt.get_cmap("viridis", max(len(alpha_keys), 2))
+        ax = axes[1]
+        many = len(alpha_keys) > LEGEND_LAYERS
+        cmap = matplotlib.colormaps["viridis"]
+        names = list(layer_names) if layer_names is not None and len(layer_names) == len(alpha_keys) else None
         for i, k in enumerate(alpha_keys):
-            ax.plot(steps, [_number(r[k]) for r in rows], color=cmap(i), lw=1.5, label=f"layer {k[6:]}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("alpha")
-        ax.set_title("synapse alpha per layer")
-        ax.legend(frameon=False, fontsize=7, ncol=2)
+            colour = cmap(i / max(len(alpha_keys) - 1, 1))
+            label = f"{k[6:]}: {names[i]}" if names else f"layer {k[6:]}"
+            ax.plot(steps, [_number(r[k]) for r in rows], color=colour, lw=1.5, label=label,
+                    marker="" if len(steps) > 1 else "o")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("α (weight of the picture's keys/values)")
+        ax.set_title("synapse α per layer (mean over heads)", fontsize=10)
+        ax.grid(alpha=0.25)
+        if many:
+            from matplotlib.cm import ScalarMappable
+            from matplotlib.colors import Normalize
+
+            mappable = ScalarMappable(norm=Normalize(0, len(alpha_keys) - 1), cmap=cmap)
+            fig.colorbar(mappable, ax=ax, label="synapse layer index")
+        else:
+            ax.legend(frameon=False, fontsize=7, title="synapse layer", title_fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    png_path = Path(png_path)
-    write_atomic(png_path, buffer.getvalue())
-    return png_path
+    return fig
 
 
 def read_log(path: str | Path) -> tuple[list[str], list[dict]]:

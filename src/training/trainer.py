@@ -42,6 +42,7 @@ from ..checks import NonFiniteError, check_size, non_finite_names, positive_int
 from ..files import OutputExistsError, atomic_path
 from ..lora import check_lora_base, lora_parameters, lora_settings
 from ..pipeline import MelFusion
+from ..progress import show_progress
 from ..schedules import edm_training_sigmas, same_ddpm_schedule, snr_to_timesteps
 from ..synapse.features import FeatureCache, tensor_digest
 from .checkpoints import (
@@ -54,7 +55,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .logs import TrainingLog
+from .logs import TrainingLog, loss_name
 from .runfolder import RunFolderLockedError, RunLock, check_fresh_run, check_run_folder
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "NonFiniteWeightsError", "train"]
@@ -251,6 +252,14 @@ class Trainer:
             accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
         self.accelerator = accelerator
         acc = self.accelerator
+        engine = str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
+        if engine in _SHARDED:
+            # refused before any work: saving would write each process's shards as if they were the whole model
+            raise ValueError(
+                f"accelerate: distributed_type {engine} (sharded training) is not supported by melfusion's trainer "
+                "yet: its checkpoints and model/ are written from each process's own state dicts, which hold only "
+                "shards under sharding. Use data parallelism (accelerate launch --multi_gpu), mode: lora, "
+                "gradient_checkpointing or mixed_precision: bf16 (docs/training.md, 'Sharded training')")
         self.output = Path(config.output)
         self.checkpoint_dir = self.output / "checkpoints"
         self.device = acc.device
@@ -618,6 +627,10 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
+        hook = self.model.synapse_hook
+        if hook is not None and hook.state.strength != 1.0:
+            raise ValueError(f"image_strength: training runs at strength 1, got {hook.state.strength:g} (train outside "
+                             "`with model.image_strength(...)`)")
         max_steps = c.max_steps if max_steps is None else positive_int(max_steps, "max_steps")
         resume = _check_resume(resume)
         self._on_main(self._relock)  # again, when an earlier train() released it
@@ -638,7 +651,10 @@ class Trainer:
 
     def _train(self, max_steps: int, resume: bool | Path, tqdm) -> TrainResult:
         c, acc = self.config, self.accelerator
-        log = TrainingLog(self.output, enabled=acc.is_main_process, tensorboard=c.tensorboard, plot=c.plot)
+        syn = self.model.synapse
+        log = TrainingLog(self.output, enabled=acc.is_main_process, tensorboard=c.tensorboard, plot=c.plot,
+                          loss_name=loss_name(self.schedule.prediction_type, self.schedule.family, c.min_snr_gamma),
+                          layer_names=syn.music_layer_names if syn is not None else None)
         log.truncate_after(self.step)
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -646,8 +662,8 @@ class Trainer:
         losses: list[float] = []
         last_ckpt = latest_checkpoint(self.checkpoint_dir) if resume else None
         loader = self._loader(self.step * c.gradient_accumulation_steps)
-        bar = tqdm(total=max_steps, initial=self.step, desc="train", disable=not (c.progress and acc.is_main_process),
-                   dynamic_ncols=True)
+        bar = tqdm(total=max_steps, initial=self.step, desc="train",
+                   disable=not (show_progress(c.progress) and acc.is_main_process), dynamic_ncols=True)
         trained = self._trained()
         samples_per_step = c.batch_size * c.gradient_accumulation_steps * acc.num_processes
         try:
@@ -924,6 +940,10 @@ class Trainer:
         with self.ema.swapped_into(self._trained()):
             return self.model.save_pretrained(path)
 
+
+
+#: accelerate's sharded engines, which the trainer refuses (see Trainer.__init__)
+_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 def train(config: TrainConfig | str | Path, *, manifest: str | None = None, output: str | None = None,
