@@ -255,7 +255,7 @@ def format_benchmark(results: Mapping[str, Any]) -> str:
 
 
 def add_benchmark_arguments(parser) -> None:
-    parser.add_argument("--model", default="mini", help="a save_pretrained folder or a shipped name (default: mini)")
+    parser.add_argument("--model", default="mini", help="a save_pretrained folder or a shipped name")
     parser.add_argument("--manifest", required=True, help="the test set (JSONL, CSV or folder)")
     parser.add_argument("--out", required=True, help="run folder: one sub-folder per condition, table.md, results.json")
     parser.add_argument("--conditions", default="both,text,image",
@@ -264,17 +264,18 @@ def add_benchmark_arguments(parser) -> None:
                         help="another model to score with text and image (repeatable), e.g. 'encoder taps=runs/enc'")
     parser.add_argument("--rows", type=int, default=None, help="only the first N rows")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--image-guidance", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=None, help="text guidance scale (default: the model's)")
+    parser.add_argument("--image-guidance", type=float, default=None,
+                        help="image guidance scale (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first row (each row has its own)")
     parser.add_argument("--reference", default=None, help="reference audio folder (fad, fd, kl)")
     parser.add_argument("--metrics", default=None, help="real metrics too: a subset of fad,fd,kl,imsm,clap")
     for name in ("vggish", "panns", "clap", "clip"):
         parser.add_argument(f"--{name}", default=None, metavar="PATH_OR_ID", help=f"{name} weights (evaluate)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing table.md / results.json")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 #: run_benchmark's argument names -> this command's flags, so an error names what the user typed
@@ -322,7 +323,8 @@ def _run_benchmark_cli(args) -> int:
     print(table)
     write_atomic(table_path, table + "\n")
     write_atomic(results_path, json.dumps(results, indent=2, default=str, allow_nan=False) + "\n")
-    print(f"wrote {table_path} and {results_path}", file=sys.stderr)
+    if not getattr(args, "quiet", False):
+        print(f"wrote {table_path} and {results_path}", file=sys.stderr)
     bad = next(iter(results["conditions"].values()))["bad_rows"]
     if bad:  # the same rows in every condition (one manifest)
         listed = "; ".join(f"row {row}: {why}" for row, why in bad[:5]) + (f"; ... ({len(bad)} in all)"

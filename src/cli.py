@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import re
 import sys
 import time
 import warnings
@@ -63,9 +66,10 @@ def _load_model(args: argparse.Namespace, dtype):
         except ValueError as exc:
             raise _as_flag(exc) from None
     cfg = MelFusionConfig.load(args.config) if args.config else MelFusionConfig.preset(args.preset)
-    print(f"note: --{'preset' if args.preset else 'config'} builds {cfg.name or 'the model'} with random or "
-          "pretrained-hub weights, as its config says; leave it out to use the shipped trained model.",
-          file=sys.stderr)
+    if not args.quiet:
+        print(f"note: --{'preset' if args.preset else 'config'} builds {cfg.name or 'the model'} with random or "
+              "pretrained-hub weights, as its config says; leave it out to use the shipped trained model.",
+              file=sys.stderr)
     try:
         return MelFusion.from_config(cfg, device=args.device, dtype=dtype)
     except ValueError as exc:
@@ -270,10 +274,73 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port: expected 1-65535, got {args.port}")
+    if not 0 < args.max_upload_mb < float("inf"):
+        raise ValueError(f"--max-upload-mb: expected a positive number, got {args.max_upload_mb:g}")
+    import socket
+
+    try:  # the address and the port, checked before the model loads
+        family, _, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"--host: cannot serve on {args.host!r} ({exc})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"--port: cannot serve on {args.host}:{args.port} ({exc.strerror or exc}); is another "
+                             "app using it? Choose another --port") from None
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ImportError("melfusion app needs gradio: pip install 'melfusion[app]'") from None
+    from .app import launch
+
+    _check_device_flag(args)
+    print(f"melfusion app: loading model {args.model!r}, then serving on http://{args.host}:{args.port}/ "
+          "(Ctrl+C stops it)")
+    try:
+        launch(args.host, args.port, args.model, device=args.device, dtype=_dtype(args.dtype), share=args.share,
+               max_upload_mb=args.max_upload_mb)
+    except (ValueError, OSError) as exc:
+        text = " ".join(str(exc).split())
+        if text.startswith("model:"):
+            raise ValueError("--model:" + text[len("model:"):]) from None
+        raise
+    return 0
+
+
 def _dtype(name: str | None):
     import torch
 
     return None if name is None else getattr(torch, name)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with every option's default (``(default: X)``, unless the help already says it) and the examples
+    (the parser's epilog) kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction, argparse._VersionAction)
+        if ("%(default)" in text or re.search(r"\bdefault\b", text) or not action.option_strings
+                or isinstance(action, quiet)
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def _mini_sampling() -> dict:
+    """The shipped mini model's sampling settings, read from its config file (no torch): the defaults that
+    ``generate --help`` shows."""
+    import json
+
+    try:
+        config = json.loads((Path(__file__).parent / "weights" / "mini" / "melfusion_config.json").read_text())
+        return dict(config.get("sampling") or {})
+    except (OSError, ValueError):
+        return {}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -284,6 +351,7 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, populate: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
         self._populate = populate
 
@@ -291,6 +359,11 @@ class _Parser(argparse.ArgumentParser):
         populate, self._populate = self._populate, None
         if populate is not None:
             populate(self)
+            for action in self._actions:  # a populated command's own subcommands (data check, ...) take -q too
+                if isinstance(action, argparse._SubParsersAction):
+                    for command in action.choices.values():
+                        _add_quiet(command)
+                        command.epilog = command.epilog or self.epilog
 
     def parse_known_args(self, args=None, namespace=None):
         self._populated()
@@ -335,7 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"melfusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate music from an image and a text, or for every row of a manifest")
+    mini = _mini_sampling()
+
+    def model_default(key: str, fallback: str = "?") -> str:
+        return f"default: the model's own; the shipped mini's is {mini.get(key, fallback)}"
+
+    g = sub.add_parser("generate", help="generate music from an image and a text, or for every row of a manifest",
+                       epilog=_GENERATE_EXAMPLES)
     g.add_argument("--image", default=None, action="append",
                    help="image file (any PIL mode or size); repeat it for a storyboard, one section per picture")
     g.add_argument("--text", default=None, action="append",
@@ -367,23 +446,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, default=None, help="with --manifest: only the first N rows")
     g.add_argument("--alpha", type=float, default=None,
                    help="with --manifest: force every synapse weight to this value (0: text only)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (--quiet also drops the output lines)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="folder written by MelFusion.save_pretrained, a shipped model name, or a "
                      "hub id when online (default: the shipped 'mini' model)")
     src.add_argument("--preset", default=None, help="build a preset (tiny, mini, paper...) from its config instead")
     src.add_argument("--config", help="build from a model config file (.json or .yaml) instead")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    g.add_argument("--image-guidance", type=float, default=None, help="separate image guidance scale")
-    g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS))
-    g.add_argument("--seconds", type=float, default=None, help="audio length in seconds")
-    g.add_argument("--num-samples", type=int, default=None, help="samples per prompt")
+    g.add_argument("--steps", type=int, default=None, help=f"denoising steps ({model_default('num_inference_steps')})")
+    g.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale ({model_default('guidance_scale')})")
+    g.add_argument("--image-guidance", type=float, default=None,
+                   help=f"separate image guidance scale ({model_default('image_guidance_scale')})")
+    g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                   help="sampler (default: the model's config, else its noise schedule's own)")
+    g.add_argument("--seconds", type=float, default=None, help=f"audio length in seconds ({model_default('seconds')}; "
+                   "longer is generated in overlapping windows)")
+    g.add_argument("--num-samples", type=int, default=None, help="samples per prompt (default: the model's own, 1)")
     g.add_argument("--image-steps", type=int, default=None,
                    help="image-UNet timesteps (default: every step; fewer is faster, see the README)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same music")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
-    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: as the model was saved; the shipped mini's is float32)")
     g.add_argument("--spectrogram", default=None, help="spectrogram PNG path (default: OUT with .png)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (never an input file); without it they are refused")
@@ -406,13 +490,72 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print the synapse wiring of a preset (built on the meta device)")
     isrc = i.add_mutually_exclusive_group()
-    isrc.add_argument("--preset", default="paper")
+    isrc.add_argument("--preset", default="paper", help="a preset name (tiny, mini, paper, reference, audioldm, ...)")
     isrc.add_argument("--config", help="config file (.json or .yaml)")
     i.set_defaults(func=_inspect)
 
     sub.add_parser("data", help="check a manifest, or split it into train/val/test (docs/datasets.md)",
                    populate=_data_arguments)
+
+    a = sub.add_parser("app", help="serve the web app: picture + prompt -> music, compare, storyboard "
+                       "(needs melfusion[app]; docs/app.md)")
+    a.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default: %(default)s, this machine only; 0.0.0.0 for every network)")
+    a.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    a.add_argument("--model", default="mini", help="the model the page starts with: a shipped name, a folder "
+                   "written by save_pretrained, or preset:NAME (default: %(default)s)")
+    a.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    a.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    a.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default: %(default)s)")
+    a.add_argument("--share", action="store_true", help="also a public gradio.live link (needs the internet)")
+    a.set_defaults(func=_app)
+    for name, command in sub.choices.items():
+        _add_quiet(command)
+        command.epilog = command.epilog or _EXAMPLES.get(name)
     return parser
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    if "--quiet" not in parser._option_string_actions:
+        parser.add_argument("-q", "--quiet", action="store_true",
+                            help="print nothing but errors and warnings: no progress bars (melfusion's, nor "
+                                 "transformers' or diffusers' weight loading), no notes, no output lines; what a "
+                                 "failing command printed is shown on stderr")
+
+
+_GENERATE_EXAMPLES = """examples:
+  melfusion generate --image examples/images/blue-bright.png --text "a calm flute melody" --out song.wav
+  melfusion generate --image pic.png --text "lively jazz piano" --out song.wav --steps 50 --seed 3 --overwrite
+  melfusion generate --image a.png --image b.png --text "a calm flute melody" --durations 4 4 --out story.wav
+  melfusion generate --manifest test.jsonl --out-dir generated/ --batch-size 8
+
+Outputs: OUT (WAV, FLAC or OGG by its suffix) and its spectrogram (OUT with .png, or --spectrogram). An
+existing output is refused unless --overwrite is given (an input is never overwritten).
+exit status: 0 done, 1 the run failed (a bug), 2 bad input, 130 interrupted."""
+
+_EXAMPLES = {
+    "train": """examples:
+  melfusion train --config examples/train-tiny.yaml --output runs/tiny --max-steps 20
+  melfusion train --config examples/train-tiny.yaml --output runs/tiny --resume
+
+Outputs: the run folder: model/, checkpoints/, train_log.csv and training.png.
+exit status: 0 done, 1 stopped on a NaN loss, 2 bad input, 130 interrupted (resume with --resume).""",
+    "evaluate": """examples:
+  melfusion evaluate --generated generated/ --reference test.jsonl
+exit status: 0 done, 1 a bug, 2 bad input.""",
+    "benchmark": """exit status: 0 done, 1 a bug, 2 bad input.""",
+    "inspect": """examples:
+  melfusion inspect                 # the paper's wiring
+  melfusion inspect --preset mini""",
+    "data": """examples:
+  melfusion data check train.jsonl
+  melfusion data split all.jsonl --out-dir splits/
+exit status: 0 done, 2 bad input (or bad rows found).""",
+    "app": """examples:
+  melfusion app                     # http://127.0.0.1:7860/ with the shipped mini model
+  melfusion app --port 8080 --model runs/tiny/model
+exit status: 0 stopped, 2 bad input (e.g. gradio missing).""",
+}
 
 
 # the subcommands whose arguments come from their own modules, added only when that subcommand is used
@@ -445,9 +588,21 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     old_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # a warning is one line too, not the source line it came from
+    quiet = getattr(args, "quiet", False)
+    held = io.StringIO()  # with --quiet: stdout is held back, and shown on stderr only if the command fails
+    bars_were_on = True
+    if quiet:
+        from .progress import disable_progress_bars, progress_bars_enabled
+
+        bars_were_on = progress_bars_enabled()
+        disable_progress_bars()
+    code = 1
     try:
-        return args.func(args)
+        with contextlib.redirect_stdout(held) if quiet else contextlib.nullcontext():
+            code = args.func(args)
+        return code
     except KeyboardInterrupt:
+        code = 130
         print(f"melfusion {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the one error boundary: every failure is one line, never a traceback
@@ -459,6 +614,13 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         warnings.formatwarning = old_format
+        if quiet:
+            if code != 0 and held.getvalue():  # what the failed command said (e.g. data check's bad rows)
+                sys.stderr.write(held.getvalue())
+            if bars_were_on:
+                from .progress import enable_progress_bars
+
+                enable_progress_bars()
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
