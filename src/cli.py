@@ -323,9 +323,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        quiet = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction, argparse._VersionAction)
         if ("%(default)" in text or re.search(r"\bdefault\b", text) or not action.option_strings
-                or isinstance(action, quiet)
+                or action.nargs == 0  # a flag: store_true/false, --help, --version
                 or action.default in (None, argparse.SUPPRESS)):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
@@ -360,7 +359,7 @@ class _Parser(argparse.ArgumentParser):
         if populate is not None:
             populate(self)
             for action in self._actions:  # a populated command's own subcommands (data check, ...) take -q too
-                if isinstance(action, argparse._SubParsersAction):
+                if action.nargs == argparse.PARSER:
                     for command in action.choices.values():
                         _add_quiet(command)
                         command.epilog = command.epilog or self.epilog
@@ -516,11 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_quiet(parser: argparse.ArgumentParser) -> None:
-    if "--quiet" not in parser._option_string_actions:
+    try:
         parser.add_argument("-q", "--quiet", action="store_true",
                             help="print nothing but errors and warnings: no progress bars (melfusion's, nor "
                                  "transformers' or diffusers' weight loading), no notes, no output lines; what a "
                                  "failing command printed is shown on stderr")
+    except argparse.ArgumentError:  # it has one already
+        pass
 
 
 _GENERATE_EXAMPLES = """examples:

@@ -25,14 +25,14 @@ _MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
 _LOG_STEP = np.log(6.4) / 27.0
 
 
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+def hz_to_mel(hz: np.ndarray) -> np.ndarray:
     hz = np.asarray(hz, dtype=np.float64)
     mel = hz / _F_SP
     high = hz >= _MIN_LOG_HZ
     return np.where(high, _MIN_LOG_MEL + np.log(np.maximum(hz, _MIN_LOG_HZ) / _MIN_LOG_HZ) / _LOG_STEP, mel)
 
 
-def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+def mel_to_hz(mel: np.ndarray) -> np.ndarray:
     mel = np.asarray(mel, dtype=np.float64)
     hz = _F_SP * mel
     high = mel >= _MIN_LOG_MEL
@@ -48,7 +48,7 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
     if not 0.0 <= fmin < fmax:
         raise ValueError(f"fmin, fmax: expected 0 <= fmin < fmax, got {fmin}, {fmax}")
     fft_hz = np.linspace(0.0, sample_rate / 2.0, 1 + n_fft // 2)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
     widths = np.diff(edges)
     ramps = edges[:, None] - fft_hz[None, :]
     rising = -ramps[:-2] / widths[:-1, None]
@@ -154,3 +154,6 @@ def griffin_lim(magnitude: np.ndarray, n_iter: int, n_fft: int, hop_length: int,
         estimate = magnitude * estimate / (np.abs(estimate) + eps)
         previous = rebuilt
     return istft(estimate, n_fft, hop_length, win_length, length)
+
+
+_hz_to_mel, _mel_to_hz = hz_to_mel, mel_to_hz  # the earlier private names

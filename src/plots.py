@@ -45,17 +45,17 @@ def to_db(mel: np.ndarray, values: str = "ln_amplitude") -> tuple[np.ndarray, st
 
 
 def _hz_to_mel(hz: Any) -> np.ndarray:
-    from .dsp import _hz_to_mel as convert
+    from .dsp import hz_to_mel
 
-    return convert(np.asarray(hz, dtype=np.float64))
+    return hz_to_mel(np.asarray(hz, dtype=np.float64))
 
 
 def mel_band_hz(n_mels: int, fmin: float, fmax: float) -> np.ndarray:
     """The centre frequency (Hz) of each of ``n_mels`` mel bands from ``fmin`` to ``fmax``: where each triangle of
     :func:`melfusion.dsp.mel_filterbank` peaks (``librosa.mel_frequencies(n_mels + 2, fmin, fmax)[1:-1]``)."""
-    from .dsp import _mel_to_hz
+    from .dsp import mel_to_hz
 
-    return _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), int(n_mels) + 2)[1:-1])
+    return mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), int(n_mels) + 2)[1:-1])
 
 
 def mel_tick_hz(fmin: float, fmax: float, min_gap: float = 0.06) -> list[float]:
