@@ -13,7 +13,7 @@ import pytest
 from accelerate import DistributedType
 
 from melfusion.datasets import write_toy_manifest
-from melfusion.training import Trainer, TrainConfig
+from melfusion.training import TrainConfig, Trainer
 
 
 @pytest.mark.parametrize("engine", [DistributedType.FSDP, DistributedType.DEEPSPEED])
