@@ -277,6 +277,13 @@ def is_model_entry(entry: Path) -> bool:
     return False
 
 
+def safetensors_device(device: Any) -> str:
+    """``device`` as safetensors names it: an indexed CPU (``cpu:0``, what accelerate gives CPU processes) is
+    plain ``cpu``, which safetensors requires."""
+    device = torch.device(device or "cpu")
+    return "cpu" if device.type == "cpu" else str(device)
+
+
 def load_safetensors_into(module: torch.nn.Module, file: Path, device: Any) -> None:
     """``safetensors.load_model`` with every failure as one ``OSError`` naming the file."""
     from safetensors import SafetensorError
@@ -285,7 +292,7 @@ def load_safetensors_into(module: torch.nn.Module, file: Path, device: Any) -> N
     if not file.is_file():
         raise OSError(f"model: missing weights file {str(file)!r}")
     try:
-        load_model(module, str(file), device=str(device or "cpu"))
+        load_model(module, str(file), device=safetensors_device(device))
     except (SafetensorError, RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OSError(f"model: cannot load {str(file)!r}: it is corrupt or does not fit the model its config "

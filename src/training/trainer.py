@@ -57,6 +57,7 @@ from .checkpoints import (
 from .config import TrainConfig
 from .logs import TrainingLog, loss_name
 from .runfolder import RunFolderLockedError, RunLock, check_fresh_run, check_run_folder
+from .sharding import local, shard_like, shard_optimizer_state, whole, whole_parameters
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "NonFiniteWeightsError", "train"]
 
@@ -253,13 +254,22 @@ class Trainer:
         self.accelerator = accelerator
         acc = self.accelerator
         engine = str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
-        if engine in _SHARDED:
+        #: FSDP2: the trained module's parameters are slices (DTensors); saves gather them (collectives)
+        self.sharded = engine == "FSDP"
+        if engine == "FSDP" and getattr(getattr(getattr(acc, "state", None), "fsdp_plugin", None),
+                                        "fsdp_version", 2) != 2:
+            raise ValueError(
+                "accelerate: FSDP version 1 is not supported by melfusion's trainer (it flattens the parameters "
+                "into one, and the trainer tracks them by name): set fsdp_version: 2 in the accelerate config "
+                "(examples/accelerate/fsdp.yaml; docs/training.md, 'Sharded training')")
+        if engine in _REFUSED:
             # refused before any work: saving would write each process's shards as if they were the whole model
             raise ValueError(
-                f"accelerate: distributed_type {engine} (sharded training) is not supported by melfusion's trainer "
-                "yet: its checkpoints and model/ are written from each process's own state dicts, which hold only "
-                "shards under sharding. Use data parallelism (accelerate launch --multi_gpu), mode: lora, "
-                "gradient_checkpointing or mixed_precision: bf16 (docs/training.md, 'Sharded training')")
+                f"accelerate: distributed_type {engine} (sharded training) is not supported by melfusion's trainer: "
+                "its checkpoints and model/ would be written from each process's own shards. Use FSDP "
+                "(accelerate launch --config_file examples/accelerate/fsdp.yaml), data parallelism (accelerate "
+                "launch --multi_gpu), mode: lora, gradient_checkpointing or mixed_precision: bf16 "
+                "(docs/training.md, 'Sharded training')")
         self.output = Path(config.output)
         self.checkpoint_dir = self.output / "checkpoints"
         self.device = acc.device
@@ -684,7 +694,10 @@ class Trainer:
             bar.close()
             log.close()
         self._check_weights("model", self.step)
-        model_path = self._on_main(self.save_model)  # every process waits for it and stops if it fails
+        if self.sharded:  # every process takes part in gathering the weights; the main one writes
+            model_path = self.save_model()
+        else:
+            model_path = self._on_main(self.save_model)  # every process waits for it and stops if it fails
         return TrainResult(step=self.step, output=self.output, model_path=model_path, last_checkpoint=last_ckpt,
                            losses=losses)
 
@@ -733,7 +746,10 @@ class Trainer:
             tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
         if not tensors:
             return
-        flags = torch.stack([torch.isfinite(t.detach()).all() for t in tensors.values()])
+        flags = torch.stack([torch.isfinite(local(t).detach()).all() for t in tensors.values()])
+        if self.sharded:  # each process sees its own slices: a tensor is finite only if every slice is
+            flags = self.accelerator.reduce(flags.to(self.device, torch.float32), reduction="sum") \
+                >= self.accelerator.num_processes - 0.5
         if bool(flags.all()):
             return
         bad = [k for k, ok in zip(tensors, flags.tolist(), strict=True) if not ok]
@@ -785,10 +801,11 @@ class Trainer:
         syn = self.model.synapse
         if syn is None:
             return []
-        try:
-            a = syn.mixer.alphas().detach().float().cpu()
-        except Exception:  # a mixer whose weights depend on the input
-            return []
+        with whole_parameters(self.module, [syn.mixer]):  # under FSDP, a collective: every process calls it
+            try:
+                a = syn.mixer.alphas().detach().float().cpu()
+            except Exception:  # a mixer whose weights depend on the input
+                return []
         return a.reshape(a.shape[0], -1).mean(dim=1).tolist()
 
     # -- state ------------------------------------------------------------------------------
@@ -823,6 +840,8 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         tensors, state = self.state_tensors()
+        # under FSDP each process holds slices: gather whole tensors (every process, in the same order)
+        tensors = {stem: {k: whole(v) for k, v in sd.items()} for stem, sd in tensors.items()}
         bad = [f"{stem}: {name}" for stem, sd in tensors.items() for name in non_finite_names(sd)]
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -896,15 +915,16 @@ class Trainer:
             optimizer_state_from_files(self.optimizer, tensors["optimizer"], state["optimizer"])
         except ValueError as exc:
             raise ValueError(f"resume: {str(path)!r}: {str(exc).removeprefix('resume: ')}") from None
+        shard_optimizer_state(self.optimizer)  # under FSDP: this process's slices of the whole saved state
         try:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OSError(f"resume: the learning-rate schedule in {str(state_file)!r} does not load ({exc})") from None
         with torch.no_grad():
             for k, p in trained.items():
-                p.copy_(saved[k].to(p.device, p.dtype))
+                p.copy_(shard_like(saved[k], p))
         if self.ema is not None:
-            self.ema.shadow = {k: v.float().to(self.device) for k, v in tensors["ema"].items()}
+            self.ema.shadow = {k: shard_like(v.float(), trained[k]).float() for k, v in tensors["ema"].items()}
         self.step = step
 
     def _warn_if_other_data(self, state: dict[str, Any], path: Path) -> None:
@@ -931,19 +951,22 @@ class Trainer:
     def save_model(self, path: str | Path | None = None) -> Path:
         """``save_pretrained`` of the trained model (the EMA weights when an average is kept).
 
-        Refused (:class:`NonFiniteWeightsError`) when those weights hold NaN or infinities.
+        Refused (:class:`NonFiniteWeightsError`) when those weights hold NaN or infinities. Under FSDP every
+        process must call it (it gathers the weights); the main process writes.
         """
         path = self.output / "model" if path is None else Path(path)
         self._check_weights("model", self.step)
-        if self.ema is None:
-            return self.model.save_pretrained(path)
-        with self.ema.swapped_into(self._trained()):
-            return self.model.save_pretrained(path)
+        averaged = contextlib.nullcontext() if self.ema is None else self.ema.swapped_into(self._trained())
+        if not self.sharded:
+            with averaged:
+                return self.model.save_pretrained(path)
+        with averaged, whole_parameters(self.module, keep=self.accelerator.is_main_process):
+            return self._on_main(lambda: self.model.save_pretrained(path))
 
 
 
-#: accelerate's sharded engines, which the trainer refuses (see Trainer.__init__)
-_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+#: accelerate's sharded engines the trainer refuses (see Trainer.__init__); FSDP (version 2) is supported
+_REFUSED = ("DEEPSPEED", "MEGATRON_LM")
 
 
 def train(config: TrainConfig | str | Path, *, manifest: str | None = None, output: str | None = None,
