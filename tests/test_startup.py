@@ -103,3 +103,14 @@ def test_a_long_error_keeps_its_start_and_its_hint():
     code, line = describe_error(OSError("model: could not fetch 'x' " + "detail " * 100 + "Give a local folder."))
     assert code == 2 and len(line) <= 410 and "\n" not in line
     assert line.startswith("error: model: could not fetch") and line.endswith("Give a local folder.")
+
+
+def test_metric_math_imports_without_torch_and_evaluate_stays_the_function():
+    done = run_python("import numpy as np\nfrom melfusion.metrics import frechet_distance, kl_divergence, imsm\n"
+                      "x = np.random.default_rng(0).normal(size=(64, 4))\nprint(frechet_distance(x, x + 1.0))")
+    assert heavy_modules(done) == ""
+    assert abs(float(done.stdout.splitlines()[0]) - 4.0) < 0.5  # |mean difference|^2 = 4, same covariance
+    # importing the submodule of the same name first must not hide the function
+    done = run_python("from melfusion.metrics.evaluate import run_evaluate\nimport melfusion.metrics as m\n"
+                      "from melfusion.metrics import evaluate\nprint(callable(evaluate), callable(m.evaluate))")
+    assert done.stdout.splitlines()[0] == "True True", done.stderr[-2000:]
