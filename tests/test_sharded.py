@@ -53,6 +53,18 @@ def test_trainer_refuses_fsdp_version_1(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_trainer_refuses_fsdp_parameter_offload(tmp_path):
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    manifest = write_toy_manifest(tmp_path / "toy", n=4, seconds=1.0)
+    plugin = SimpleNamespace(fsdp_version=2, cpu_offload=CPUOffloadPolicy())
+    fake = SimpleNamespace(distributed_type=DistributedType.FSDP, device="cpu", is_main_process=True,
+                           num_processes=2, state=SimpleNamespace(fsdp_plugin=plugin))
+    with pytest.raises(ValueError, match=r"^accelerate: FSDP parameter offload .* fsdp_offload_params: false"):
+        Trainer(_config(manifest, tmp_path / "run"), accelerator=fake)
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_parallel_accelerators_pass_the_check(tmp_path):
     from accelerate import Accelerator
 
@@ -71,6 +83,9 @@ def test_sharding_helpers_leave_plain_tensors_alone():
     like = torch.zeros(3, 4, dtype=torch.float64)
     moved = shard_like(x, like)
     assert moved.dtype == torch.float64 and torch.equal(moved, x.double())
+    # the EMA stays float32 on resume whatever the weights' dtype (it was once rounded to theirs)
+    precise = torch.tensor([1.0001, 0.123456789])
+    assert torch.equal(shard_like(precise, torch.zeros(2, dtype=torch.bfloat16), dtype=torch.float32), precise)
     layer = torch.nn.Linear(4, 2)
     before = layer.weight
     with whole_parameters(layer):

@@ -2,8 +2,8 @@
 
 Under FSDP2 every parameter of the trained module is a ``DTensor`` holding one process's slice. Checkpoints,
 saved models and logged alphas must hold whole tensors, and a resumed run must slice them again. Each
-function here that gathers is a collective: every process must call it, in the same order. On a run that is
-not sharded they are no-ops on plain tensors, so the trainer calls them unconditionally.
+function here that gathers is a collective: every process must call it, in the same order. On plain tensors
+``local``, ``shard_like``, ``shard_optimizer_state`` and ``whole_parameters`` change nothing.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (gathered from every process if sharded; a collective then), detached, on the CPU."""
+def whole(tensor: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """The whole tensor (gathered from every process if sharded; a collective then), detached, on the CPU.
+
+    ``keep=False``: take part in the gathering and return None (the processes that do not write).
+    """
     if is_sharded(tensor):
         tensor = tensor.full_tensor()
-    return tensor.detach().cpu()
+    return tensor.detach().cpu() if keep else None
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -41,17 +44,20 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``value`` (a whole tensor) in ``like``'s device and dtype, sliced as ``like`` is when ``like`` is sharded.
+def shard_like(value: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` (a whole tensor) on ``like``'s device, in ``dtype`` (default ``like``'s), sliced as ``like`` is
+    when ``like`` is sharded.
 
-    Every process must pass the same ``value`` (e.g. read from the same checkpoint).
+    Every process must pass the same ``value`` (e.g. read from the same checkpoint); each keeps its own slice,
+    with no communication.
     """
+    dtype = like.dtype if dtype is None else dtype
     if not is_sharded(like):
-        return value.to(like.device, like.dtype)
+        return value.to(like.device, dtype)
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(value.to(like.device_mesh.device_type).to(like.dtype), like.device_mesh,
-                             like.placements)
+    return distribute_tensor(value.to(local(like).device, dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -64,6 +70,15 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             for name, value in state.items():
                 if isinstance(value, torch.Tensor) and not is_sharded(value) and value.shape == param.shape:
                     state[name] = shard_like(value, param)
+
+
+def fsdp_modules(root: nn.Module) -> list[nn.Module]:
+    """The modules under ``root`` (itself included) that ``fully_shard`` made into FSDP units."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed support
+        return []
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]
 
 
 @contextlib.contextmanager
@@ -79,6 +94,10 @@ def whole_parameters(root: nn.Module, parts: Iterable[nn.Module] | None = None, 
     FSDP2's own ``unshard`` is not enough for saving: ``state_dict()`` puts the slices back first.
     """
     modules = [root] if parts is None else list(parts)
+    for unit in fsdp_modules(root):
+        # FSDP2 puts a unit's slices back in place (its state_dict pre-hook) unless the unit is already split:
+        # split every unit first, so the whole tensors swapped in below stay (no-op when already split)
+        unit.reshard()
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     gathered: dict[int, nn.Parameter | None] = {}  # a parameter shared by two modules is gathered once
     try:
@@ -88,7 +107,7 @@ def whole_parameters(root: nn.Module, parts: Iterable[nn.Module] | None = None, 
                     if param is None or not is_sharded(param):
                         continue
                     if id(param) not in gathered:
-                        full = param.full_tensor().detach()  # every process, the same order
+                        full = param.full_tensor().detach().cpu()  # every process, the same order
                         gathered[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad) if keep else None
                     if keep:
                         owner.register_parameter(name, gathered[id(param)])

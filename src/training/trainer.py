@@ -262,6 +262,12 @@ class Trainer:
                 "accelerate: FSDP version 1 is not supported by melfusion's trainer (it flattens the parameters "
                 "into one, and the trainer tracks them by name): set fsdp_version: 2 in the accelerate config "
                 "(examples/accelerate/fsdp.yaml; docs/training.md, 'Sharded training')")
+        plugin = getattr(getattr(acc, "state", None), "fsdp_plugin", None)
+        if self.sharded and type(getattr(plugin, "cpu_offload", None)).__name__ == "CPUOffloadPolicy":
+            raise ValueError(
+                "accelerate: FSDP parameter offload (fsdp_offload_params: true) is not supported by melfusion's "
+                "trainer (untested: its slices live in CPU memory, apart from the GPUs that gather them); set "
+                "fsdp_offload_params: false (docs/training.md, 'Sharded training')")
         if engine in _REFUSED:
             # refused before any work: saving would write each process's shards as if they were the whole model
             raise ValueError(
@@ -794,7 +800,9 @@ class Trainer:
         return x.float(), model_t, (noise - latents).float(), self.schedule.snr_of_sigma(t).to(self.device)
 
     def alpha_summary(self) -> list[float]:
-        """The mixer's current alphas, averaged per layer (empty for a mixer whose weights depend on the input)."""
+        """The mixer's current alphas, averaged per layer (empty for a mixer whose weights depend on the input).
+
+        Under FSDP it gathers the mixer's weights: every process must call it."""
         return self._alphas()
 
     def _alphas(self) -> list[float]:
@@ -810,6 +818,8 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """What a checkpoint holds: ``({"trainable"|"optimizer"|"ema": tensors}, JSON-able state)``; under FSDP the
+        tensors are this process's slices (``save_state`` gathers them)."""
         opt_tensors, opt_meta = optimizer_state_to_files(self.optimizer)
         tensors = {"trainable": {k: v.detach() for k, v in self._trained().items()}, "optimizer": opt_tensors}
         if self.ema is not None:
@@ -840,17 +850,18 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         tensors, state = self.state_tensors()
-        # under FSDP each process holds slices: gather whole tensors (every process, in the same order)
-        tensors = {stem: {k: whole(v) for k, v in sd.items()} for stem, sd in tensors.items()}
-        bad = [f"{stem}: {name}" for stem, sd in tensors.items() for name in non_finite_names(sd)]
-        if bad:
-            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            last = latest_checkpoint(self.checkpoint_dir)
-            raise NonFiniteWeightsError(
-                f"checkpoint: the state at step {self.step} holds NaN or infinite values ({shown}); not saved"
-                + (f"; the last good checkpoint is {str(last)!r}" if last else ""))
+        if self.sharded:  # each process holds slices: gather whole tensors (every process, in the same order);
+            keep = acc.is_main_process  # only the writing process keeps them, in CPU memory
+            tensors = {stem: {k: whole(v, keep) for k, v in sd.items()} for stem, sd in tensors.items()}
 
         def save() -> Path:
+            bad = [f"{stem}: {name}" for stem, sd in tensors.items() for name in non_finite_names(sd)]
+            if bad:  # raised on every process by _on_main
+                shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                last = latest_checkpoint(self.checkpoint_dir)
+                raise NonFiniteWeightsError(
+                    f"checkpoint: the state at step {self.step} holds NaN or infinite values ({shown}); not saved"
+                    + (f"; the last good checkpoint is {str(last)!r}" if last else ""))
             return save_checkpoint(self.checkpoint_dir, self.step, tensors, state, keep_last=self.config.keep_last)
 
         return self._on_main(save) or self.checkpoint_dir / f"step-{self.step:08d}"
@@ -924,7 +935,7 @@ class Trainer:
             for k, p in trained.items():
                 p.copy_(shard_like(saved[k], p))
         if self.ema is not None:
-            self.ema.shadow = {k: shard_like(v.float(), trained[k]).float() for k, v in tensors["ema"].items()}
+            self.ema.shadow = {k: shard_like(v, trained[k], dtype=torch.float32) for k, v in tensors["ema"].items()}
         self.step = step
 
     def _warn_if_other_data(self, state: dict[str, Any], path: Path) -> None:
