@@ -101,6 +101,10 @@ def _launch(config: Path, output: Path, engine: str, *args: str) -> str:
     else:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = [sys.executable, *launcher, str(WORKER), str(config), str(output), engine, *args]
+    if engine == "cli":  # data parallelism as the docs start it: accelerate launch --multi_gpu, the CLI
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "melfusion.cli",
+               "train", "--config", str(config), "--output", str(output), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
@@ -117,8 +121,8 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path):
             checkpoint_every=1, keep_last=3, ema={"enabled": True, "decay": 0.5},
             optim={"unet_lr": 1e-3, "alpha_lr": 1e-2, "max_grad_norm": 0.5}).save(config)
 
-    out = _launch(config, tmp_path / "ddp", "ddp")
-    assert "trained 2 steps; 0 of" in out
+    out = _launch(config, tmp_path / "ddp", "cli")  # DDP through `accelerate launch --multi_gpu` and the CLI
+    assert "trained 2 steps" in out
     out = _launch(config, tmp_path / "fsdp", "launched", "--max-steps", "1")  # examples/accelerate/fsdp.yaml
     assert "plugin: fsdp_version=2 wrap=['BasicTransformerBlock']" in out
     assert "trained 1 steps;" in out

@@ -263,6 +263,7 @@ def test_killed_checkpoint_write_leaves_the_previous_one_loadable(toy, tmp_path)
 # -- distributed ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # tests/test_sharded.py runs the same launch as its DDP reference in the default run
 def test_two_processes_with_gloo_train_like_one(toy, tmp_path):
     config = tmp_path / "train.yaml"
     make_config(toy, tmp_path / "unused", max_steps=2, checkpoint_every=2).save(config)
