@@ -54,7 +54,7 @@ browser:
 	  else echo "no chromium and no apt-get as root: the browser test will be skipped"; fi; }
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
