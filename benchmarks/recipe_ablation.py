@@ -33,6 +33,8 @@ from melfusion.training.mini import MiniRecipe, train_mini
 ENCODER = {"image_layers": ["down_blocks.1.attentions.0", "down_blocks.2.attentions.0"],
            "music_layers": ["down_blocks.2.attentions.0", "down_blocks.3.attentions.0"]}  # the mini preset's
 DECODER = {"image_layers": None, "music_layers": None}  # every decoder transformer layer, paired in order
+_UP = ["up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]
+BOTH = {"image_layers": ENCODER["image_layers"] + _UP, "music_layers": ENCODER["music_layers"] + _UP}
 BASE = {"augment": True, "n_image": 960}
 #: name -> (label, recipe fields over BASE, scoring overrides, the variant whose model it reuses or None)
 VARIANTS: dict[str, tuple[str, dict, dict, str | None]] = {
@@ -42,6 +44,19 @@ VARIANTS: dict[str, tuple[str, dict, dict, str | None]] = {
     "decoder-ig8": ("decoder taps, image guidance 8", {"synapse": DECODER}, {"image_guidance_scale": 8.0}, "decoder"),
     "encoder-ig3": ("encoder taps, image guidance 3", {"synapse": ENCODER}, {"image_guidance_scale": 3.0}, "encoder"),
     "encoder-ig8": ("encoder taps, image guidance 8", {"synapse": ENCODER}, {"image_guidance_scale": 8.0}, "encoder"),
+    "both": ("encoder and decoder taps, one alpha per layer", {"synapse": BOTH}, {}, None),
+    "encoder-nocap": ("encoder taps, no image timestep cap (the paper's pairing)",
+                      {"synapse": {**ENCODER, "image_timestep_max": None}}, {}, None),
+    "encoder-per-head": ("encoder taps, one alpha per layer and head",
+                         {"synapse": {**ENCODER, "mixer": {"name": "per_head", "params": {"init": 0.5}}}}, {}, None),
+    "encoder-gated": ("encoder taps, gated mixer (alpha from timestep and features)",
+                      {"synapse": {**ENCODER, "mixer": {"name": "gated", "params": {"init": 0.5}}}}, {}, None),
+    "encoder-750": ("encoder taps, half the training (750 music steps)",
+                    {"synapse": ENCODER, "music_steps": 750}, {}, None),
+    "encoder-240": ("encoder taps, half the data (240 training triplets)",
+                    {"synapse": ENCODER, "n_train": 240}, {}, None),
+    "encoder-alpha0.1": ("encoder taps, alphas start at 0.1",
+                         {"synapse": {**ENCODER, "mixer": {"name": "convex", "params": {"init": 0.1}}}}, {}, None),
 }
 ROWS = 96
 SIZES = ((160, 120), (40, 90))
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                  "both": score_synthetic(model, manifest, **common).as_dict()}
         if args.controls and model.synapse is not None:
             entry["alpha_0"] = score_synthetic(model, manifest, alpha=0.0, **common).as_dict()
+        # re-read before writing: another run may share this output folder
+        results = {**(json.loads(results_path.read_text()) if results_path.is_file() else {}), **results}
         results[name] = entry
         write_atomic(results_path, json.dumps(results, indent=2))
         print(f"{name}: {entry['both']['accuracy']}", flush=True)
