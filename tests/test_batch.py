@@ -249,7 +249,8 @@ def _args(manifest: Path, folder: Path) -> list[str]:
     return ["generate", "--manifest", str(manifest), "--model", str(folder), *ARGS]
 
 
-@pytest.mark.parametrize("after", [1, 5])
+# killed later on: in make test-slow (the in-process test below interrupts every write point)
+@pytest.mark.parametrize("after", [1, pytest.param(5, marks=pytest.mark.slow)])
 def test_a_run_killed_with_sigkill_and_restarted_gives_the_same_bytes(tiny_folder, whole, tmp_path, after):
     manifest, reference = whole
     out = tmp_path / "killed"

@@ -1,6 +1,7 @@
 """Run melfusion's Trainer under accelerate's FSDP2 engine on CPU processes (gloo), for tests/test_sharded.py.
 
     torchrun --nproc_per_node 2 tests/helpers/fsdp_cpu.py CONFIG OUTPUT fsdp|ddp [--max-steps N] [--resume]
+        [--then-resume]
     accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \
         tests/helpers/fsdp_cpu.py CONFIG OUTPUT launched
 
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("engine", choices=["fsdp", "ddp", "launched"])
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--then-resume", action="store_true",
+                        help="after training to --max-steps, a new Trainer resumes from its checkpoint to the "
+                             "config's max_steps, in the same processes")
     args = parser.parse_args()
     state = PartialState(cpu=True)
     assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
@@ -50,6 +54,15 @@ def main() -> None:
     config = TrainConfig.load(args.config, output=args.output)
     trainer = Trainer(config, accelerator=accelerator)
     result = trainer.train(max_steps=args.max_steps, resume=args.resume)
+    if args.then_resume:  # a fresh model and trainer, as a restarted run has, in the same process group
+        if accelerator.is_main_process:
+            print(f"trained {result.step} steps; resuming", flush=True)
+        # a new Accelerator too (the process-wide state, FSDP, carries over): accelerate's FSDP gradient
+        # clipping looks for the parameters among every model one Accelerator prepared
+        accelerator = Accelerator(cpu=True)
+        assert accelerator.distributed_type == DistributedType.FSDP, accelerator.distributed_type
+        trainer = Trainer(config, accelerator=accelerator)
+        result = trainer.train(resume=True)
     if accelerator.is_main_process:
         sharded = sum(type(p).__name__ == "DTensor" for p in trainer._trained().values())
         print(f"trained {result.step} steps; {sharded} of {len(trainer._trained())} trained tensors sharded",
