@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .dsp import hz_to_mel, mel_to_hz
+
 __all__ = ["spectrogram_png", "spectrogram_figure", "draw_mel", "to_db", "mel_band_hz", "mel_tick_hz", "short_title"]
 
 #: how the values of a mel spectrogram relate to its level: the factor that turns them into dB
@@ -44,30 +46,22 @@ def to_db(mel: np.ndarray, values: str = "ln_amplitude") -> tuple[np.ndarray, st
     return db, f"level, dB (re 1.0 {what})"
 
 
-def _hz_to_mel(hz: Any) -> np.ndarray:
-    from .dsp import hz_to_mel
-
-    return hz_to_mel(np.asarray(hz, dtype=np.float64))
-
-
 def mel_band_hz(n_mels: int, fmin: float, fmax: float) -> np.ndarray:
     """The centre frequency (Hz) of each of ``n_mels`` mel bands from ``fmin`` to ``fmax``: where each triangle of
     :func:`melfusion.dsp.mel_filterbank` peaks (``librosa.mel_frequencies(n_mels + 2, fmin, fmax)[1:-1]``)."""
-    from .dsp import mel_to_hz
-
-    return mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), int(n_mels) + 2)[1:-1])
+    return mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), int(n_mels) + 2)[1:-1])
 
 
 def mel_tick_hz(fmin: float, fmax: float, min_gap: float = 0.06) -> list[float]:
     """The frequencies (Hz) to label on a mel axis from ``fmin`` to ``fmax``: round values in range, each at
     least ``min_gap`` of the axis above the one before (the lower one is kept)."""
-    lo, hi = float(_hz_to_mel(fmin)), float(_hz_to_mel(fmax))
+    lo, hi = float(hz_to_mel(fmin)), float(hz_to_mel(fmax))
     ticks: list[float] = []
     last = -math.inf
     for hz in TICK_CANDIDATES_HZ:
         if not fmin - 1e-9 <= hz <= fmax + 1e-9:
             continue
-        pos = float(_hz_to_mel(hz))
+        pos = float(hz_to_mel(hz))
         if (pos - last) >= min_gap * (hi - lo):
             ticks.append(float(hz))
             last = pos
@@ -145,11 +139,11 @@ def draw_mel(ax: Any, mel: np.ndarray, *, sample_rate: float | None = None, hop_
         fmax = _check_number(fmax, "fmax")
         if fmin >= fmax:
             raise ValueError(f"fmin, fmax: expected fmin < fmax, got {fmin:g}, {fmax:g}")
-        lo, hi = float(_hz_to_mel(fmin)), float(_hz_to_mel(fmax))
-        y = _hz_to_mel(mel_band_hz(bands, fmin, fmax))  # each band's filter centre, in mel
+        lo, hi = float(hz_to_mel(fmin)), float(hz_to_mel(fmax))
+        y = hz_to_mel(mel_band_hz(bands, fmin, fmax))  # each band's filter centre, in mel
         y_lim = (lo, hi)
         ticks = mel_tick_hz(fmin, fmax)
-        ax.set_yticks(_hz_to_mel(ticks))
+        ax.set_yticks(hz_to_mel(ticks))
         ax.set_yticklabels([f"{t:.0f}" for t in ticks])
         ax.set_ylabel("frequency (Hz, mel scale)")
     else:

@@ -2,7 +2,7 @@
 
 The math works on arrays and needs no model::
 
-    from melfusion.metrics import frechet_distance, kl_divergence, imsm, clap_score  # noqa: F401
+    from melfusion.metrics import frechet_distance, kl_divergence, imsm, clap_score
     frechet_distance(a, b)                       # (n, d) embeddings, rows = frames or clips
     kl_divergence(gen_logits, ref_logits)        # KL(reference || generated), audioldm_eval's way
     imsm(image_text, audio_text, mode="paper")   # (N, N) CLIP and CLAP similarity matrices

@@ -104,7 +104,7 @@ def whole_parameters(root: nn.Module, parts: Iterable[nn.Module] | None = None, 
         for module in modules:
             for owner in module.modules():
                 for name, param in list(owner.named_parameters(recurse=False)):
-                    if param is None or not is_sharded(param):
+                    if not is_sharded(param):
                         continue
                     if id(param) not in gathered:
                         full = param.full_tensor().detach().cpu()  # every process, the same order

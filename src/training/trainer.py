@@ -256,13 +256,12 @@ class Trainer:
         engine = str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
         #: FSDP2: the trained module's parameters are slices (DTensors); saves gather them (collectives)
         self.sharded = engine == "FSDP"
-        if engine == "FSDP" and getattr(getattr(getattr(acc, "state", None), "fsdp_plugin", None),
-                                        "fsdp_version", 2) != 2:
+        plugin = getattr(getattr(acc, "state", None), "fsdp_plugin", None)
+        if self.sharded and getattr(plugin, "fsdp_version", 2) != 2:
             raise ValueError(
                 "accelerate: FSDP version 1 is not supported by melfusion's trainer (it flattens the parameters "
                 "into one, and the trainer tracks them by name): set fsdp_version: 2 in the accelerate config "
                 "(examples/accelerate/fsdp.yaml; docs/training.md, 'Sharded training')")
-        plugin = getattr(getattr(acc, "state", None), "fsdp_plugin", None)
         if self.sharded and type(getattr(plugin, "cpu_offload", None)).__name__ == "CPUOffloadPolicy":
             raise ValueError(
                 "accelerate: FSDP parameter offload (fsdp_offload_params: true) is not supported by melfusion's "
