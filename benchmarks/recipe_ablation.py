@@ -57,6 +57,12 @@ VARIANTS: dict[str, tuple[str, dict, dict, str | None]] = {
                     {"synapse": ENCODER, "n_train": 240}, {}, None),
     "encoder-alpha0.1": ("encoder taps, alphas start at 0.1",
                          {"synapse": {**ENCODER, "mixer": {"name": "convex", "params": {"init": 0.1}}}}, {}, None),
+    "encoder-sat1": ("encoder taps, saturation 0.5-1.0 (its own image LDM too)",
+                     {"synapse": ENCODER, "saturation": (0.5, 1.0)}, {}, None),
+    "encoder-linear": ("encoder taps, learned linear aligner (pooling, then a channel projection)",
+                       {"synapse": {**ENCODER, "aligner": {"name": "linear", "params": {}}}}, {}, None),
+    "encoder-lr3e-4": ("encoder taps, learning rates 3e-4 (1e-3 in the others)",
+                       {"synapse": ENCODER, "unet_lr": 3e-4, "synapse_lr": 3e-4, "alpha_lr": 3e-4}, {}, None),
 }
 ROWS = 96
 SIZES = ((160, 120), (40, 90))

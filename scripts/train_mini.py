@@ -36,9 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=MiniRecipe.augment,
                         help="training pictures of several families, sizes and JPEG qualities; --no-augment: "
                              f"the classic 64 px discs (default: {MiniRecipe.augment})")
+    low, high = MiniRecipe.saturation
+    parser.add_argument("--saturation", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(low, high),
+                        help=f"the augmented pictures' saturation range (default: {low} {high})")
     args = parser.parse_args(argv)
-    recipe = MiniRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MiniRecipe)
-                           if hasattr(args, f.name)})
+    try:
+        recipe = MiniRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MiniRecipe)
+                               if hasattr(args, f.name)})
+    except ValueError as e:
+        parser.error(str(e))  # one line, exit status 2
     start = time.perf_counter()
     model = train_mini(args.output, recipe, image_from=args.image_from)
     print(f"trained {model} in {(time.perf_counter() - start) / 60:.1f} min")

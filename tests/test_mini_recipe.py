@@ -58,6 +58,12 @@ def test_an_augmented_recipe_trains_on_other_families_and_keeps_the_heldout_set(
     # switching augmentation on in an existing folder rewrites the training set, not silently reusing it
     write_mini_data(tmp_path / "classic", _recipe(augment=True, families=("noise",)))
     assert {json.loads(line)["family"] for line in classic_train.read_text().splitlines()} == {"noise"}
+    # ... and so does another saturation range (the default's stamp is the one earlier runs wrote)
+    first = classic_train.parent / json.loads(classic_train.read_text().splitlines()[0])["img_path"]
+    before = first.read_bytes()
+    write_mini_data(tmp_path / "classic", _recipe(augment=True, families=("noise",), saturation=(1.0, 1.0)))
+    assert first.read_bytes() != before
+    assert "saturation" in (tmp_path / "classic" / "train" / ".complete").read_text()
     with pytest.raises(ValueError, match="families"):
         _recipe(augment=True, families=("hexagon",))
     with pytest.raises(ValueError, match="sampling"):

@@ -4,6 +4,7 @@ the classic pictures are unchanged."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from melfusion.datasets.synthetic import (
     render_picture,
     write_synthetic_manifest,
 )
+from melfusion.training.mini import MiniRecipe
 
 
 def _hsv(image: Image.Image) -> np.ndarray:
@@ -116,6 +118,40 @@ def test_augmented_training_pictures_vary_and_are_reproducible(tmp_path):
         assert 1 / 2.6 <= r["width"] / r["height"] <= 2.6
     digest = [hashlib.sha256((p.parent / r["img_path"]).read_bytes()).hexdigest() for p in (a, b) for r in _rows(p)]
     assert digest[:60] == digest[60:]
+
+
+def _mean_saturation(path: Path) -> float:
+    with Image.open(path) as im:
+        return float(np.asarray(im.convert("HSV"))[..., 1].mean() / 255)
+
+
+def test_the_augmented_saturation_range_moves_only_the_saturation(tmp_path):
+    default = write_synthetic_manifest(tmp_path / "a", n=24, seconds=0.5, augment=True)
+    full = write_synthetic_manifest(tmp_path / "b", n=24, seconds=0.5, augment=True, saturation=(1.0, 1.0))
+    same = write_synthetic_manifest(tmp_path / "c", n=24, seconds=0.5, augment=True, saturation=(0.6, 0.95))
+    assert default.read_bytes() == same.read_bytes()  # the default range is the one the shipped model saw
+    rows_a, rows_b = _rows(default), _rows(full)
+    # every other draw (family, size, JPEG, the captions and audio) keeps its stream
+    assert [{k: r[k] for k in ("family", "width", "height", "jpeg", "captions")} for r in rows_a] == \
+        [{k: r[k] for k in ("family", "width", "height", "jpeg", "captions")} for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert (default.parent / ra["location"]).read_bytes() == (full.parent / rb["location"]).read_bytes()
+    # a plain field at saturation 1 is about fully saturated; the default range stays below 0.95 on average
+    plain = [r for r in rows_b if r["family"] == "noise"]  # the one training family with no paler tint
+    assert plain, "no noise picture drawn"
+    for rb in plain:
+        assert _mean_saturation(full.parent / rb["img_path"]) > 0.9
+    assert np.mean([_mean_saturation(default.parent / r["img_path"]) for r in rows_a]) < 0.85
+
+
+@pytest.mark.parametrize("saturation", [(0.9, 0.2), (0.5, 1.2), (-0.1, 0.5), (0.5,), "0.5-1", (float("nan"), 1.0),
+                                        (True, 1.0), None])
+def test_a_bad_saturation_range_names_itself(tmp_path, saturation):
+    with pytest.raises(ValueError, match="saturation"):
+        write_synthetic_manifest(tmp_path, n=2, seconds=0.5, augment=True, saturation=saturation)
+    assert not (tmp_path / "manifest.jsonl").exists()
+    with pytest.raises(ValueError, match="saturation"):
+        MiniRecipe(saturation=saturation)
 
 
 def test_heldout_sizes_are_not_square_or_not_64():

@@ -45,7 +45,7 @@ __all__ = [
     "IMAGE_ATTRIBUTES", "TEXT_ATTRIBUTES",
     "SyntheticItem", "synthetic_item", "render_image", "render_audio", "write_synthetic_manifest",
     "PICTURE_FAMILIES", "TRAIN_FAMILIES", "HELDOUT_FAMILIES", "HELDOUT_SIZES", "render_picture", "jpeg_bytes",
-    "read_attributes", "attribute_accuracy", "CHANCE",
+    "read_attributes", "attribute_accuracy", "CHANCE", "check_saturation_range",
 ]
 
 # the picture: colour (name, hue in [0, 1)) and shade (name, HSV value)
@@ -184,7 +184,8 @@ def render_audio(item: SyntheticItem, seconds: float, sample_rate: int, rng: np.
 def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float = 2.56, sample_rate: int = 16000,
                              image_size: int = 64, seed: int = 0, start: int = 0, overwrite: bool = False,
                              families: Sequence[str] | None = None, sizes: Sequence[tuple[int, int]] | None = None,
-                             jpeg_quality: int | None = None, augment: bool = False) -> Path:
+                             jpeg_quality: int | None = None, augment: bool = False,
+                             saturation: tuple[float, float] = (0.6, 0.95)) -> Path:
     """Write ``n`` triplets (``audio/*.wav`` PCM_16, ``images/*.png``) and ``manifest.jsonl`` under ``folder``.
 
     Each manifest row has the standard columns ``captions``, ``location`` and ``img_path`` (relative paths)
@@ -209,11 +210,11 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
     - ``jpeg_quality``: every picture saved as a JPEG of that quality (``images/*.jpg``).
     - ``augment``: training augmentation instead of cycling: each picture draws its family from ``families``
       (default :data:`TRAIN_FAMILIES`), its size (half of them ``image_size`` square, the rest 32-320 px a
-      side with aspect ratios from 1:2.5 to 2.5:1), its saturation (0.6-0.95), a wider hue jitter, and, for
-      three in ten, JPEG compression at quality 25-90.
+      side with aspect ratios from 1:2.5 to 2.5:1), its saturation (uniform over ``saturation``, default
+      0.6-0.95), a wider hue jitter, and, for three in ten, JPEG compression at quality 25-90.
     """
     check_positive_ints(n=n, sample_rate=sample_rate, image_size=image_size)
-    pictures = _picture_plan(n, seed, image_size, families, sizes, jpeg_quality, augment)
+    pictures = _picture_plan(n, seed, image_size, families, sizes, jpeg_quality, augment, saturation)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start: expected a non-negative integer, got {start!r}")
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and np.isfinite(seconds) and seconds < 0.5:
@@ -251,9 +252,11 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
     return folder / "manifest.jsonl"
 
 
-def _picture_plan(n: int, seed: int, image_size: int, families, sizes, jpeg_quality, augment) -> list[dict] | None:
+def _picture_plan(n: int, seed: int, image_size: int, families, sizes, jpeg_quality, augment,
+                  saturation=(0.6, 0.95)) -> list[dict] | None:
     """Each item's picture settings (family, size, saturation, hue jitter, JPEG quality), or ``None`` for the
     classic pictures (:func:`render_image`, byte for byte as before these options existed)."""
+    sat_low, sat_high = check_saturation_range(saturation)
     if families is None and sizes is None and jpeg_quality is None and not augment:
         return None
     if not isinstance(augment, bool):
@@ -294,7 +297,8 @@ def _picture_plan(n: int, seed: int, image_size: int, families, sizes, jpeg_qual
             quality = jpeg_quality
             if quality is None and draw.uniform() < 0.3:
                 quality = int(draw.integers(25, 91))
-            plan.append({"family": family, "size": size, "saturation": float(draw.uniform(0.6, 0.95)),
+            # one draw whatever the range: the other settings keep their stream
+            plan.append({"family": family, "size": size, "saturation": float(draw.uniform(sat_low, sat_high)),
                          "hue_jitter": 0.04, "jpeg": quality})
         return plan
     fams = list(families) if families is not None else ["disc"]
@@ -304,6 +308,16 @@ def _picture_plan(n: int, seed: int, image_size: int, families, sizes, jpeg_qual
         plan.append({"family": fams[block % len(fams)], "size": szs[(block // len(fams)) % len(szs)],
                      "saturation": None, "hue_jitter": 0.025, "jpeg": jpeg_quality})
     return plan
+
+
+def check_saturation_range(saturation) -> tuple[float, float]:
+    """``saturation`` as a ``(low, high)`` pair of floats with ``0 <= low <= high <= 1``; ``ValueError`` else."""
+    ok = (isinstance(saturation, Sequence) and not isinstance(saturation, (str, bytes)) and len(saturation) == 2
+          and all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+                  and np.isfinite(x) for x in saturation))
+    if not ok or not 0.0 <= saturation[0] <= saturation[1] <= 1.0:
+        raise ValueError(f"saturation: expected a (low, high) range with 0 <= low <= high <= 1, got {saturation!r}")
+    return float(saturation[0]), float(saturation[1])
 
 
 def _classes(seconds: float, sample_rate: int, seed: int) -> dict[str, Any]:

@@ -60,6 +60,8 @@ class MiniRecipe:
     augment: bool = True
     #: the families an augmented training set draws from (default: ``TRAIN_FAMILIES``)
     families: tuple[str, ...] | None = None
+    #: the range an augmented training picture's saturation is drawn from (image LDM and music stage alike)
+    saturation: tuple[float, float] = (0.6, 0.95)
     #: overrides of the model config's ``sampling`` section, e.g. {"image_guidance_scale": 7.0}
     sampling: dict[str, Any] = field(default_factory=dict)
 
@@ -81,8 +83,10 @@ class MiniRecipe:
                 raise ValueError(f"{name}: expected a mapping of {name} config fields, got {getattr(self, name)!r}")
         if not isinstance(self.augment, bool):
             raise ValueError(f"augment: expected True or False, got {self.augment!r}")
+        from ..datasets.synthetic import PICTURE_FAMILIES, check_saturation_range
+
+        self.saturation = check_saturation_range(self.saturation)
         if self.families is not None:
-            from ..datasets.synthetic import PICTURE_FAMILIES
 
             self.families = tuple(self.families)
             unknown = [f for f in self.families if f not in PICTURE_FAMILIES]
@@ -116,6 +120,8 @@ def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tup
         extra: dict[str, Any] = {}
         if name in ("train", "images") and recipe.augment:
             extra = {"augment": True, "families": list(recipe.families) if recipe.families else None}
+            if recipe.saturation != (0.6, 0.95):  # the default leaves earlier runs' stamps valid
+                extra["saturation"] = list(recipe.saturation)
         want = json.dumps({"n": n, "seed": seed, "start": start, **extra})
         if not (stamp.is_file() and stamp.read_text() == want and manifest.is_file()):
             # a changed recipe
