@@ -59,6 +59,8 @@ VARIANTS: dict[str, tuple[str, dict, dict, str | None]] = {
                          {"synapse": {**ENCODER, "mixer": {"name": "convex", "params": {"init": 0.1}}}}, {}, None),
     "encoder-sat1": ("encoder taps, saturation 0.5-1.0 (its own image LDM too)",
                      {"synapse": ENCODER, "saturation": (0.5, 1.0)}, {}, None),
+    "encoder-sat1-ldm": ("encoder taps, saturation 0.5-1.0 (music stage only; the shared image LDM)",
+                         {"synapse": ENCODER, "saturation": (0.5, 1.0)}, {}, None),
     "encoder-linear": ("encoder taps, learned linear aligner (pooling, then a channel projection)",
                        {"synapse": {**ENCODER, "aligner": {"name": "linear", "params": {}}}}, {}, None),
     "encoder-lr3e-4": ("encoder taps, learning rates 3e-4 (1e-3 in the others)",

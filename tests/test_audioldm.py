@@ -207,19 +207,30 @@ def test_synapse_align_uses_fixed_music_grids():
     from melfusion.synapse.features import FeatureCache
 
     image = [LayerInfo("img.a", 2, 4, tokens=16, grid=(4, 4)), LayerInfo("img.b", 2, 4, tokens=16, grid=(4, 4))]
-    music = [LayerInfo("mus.a", 3, 2, tokens=6, grid=(2, 3)),  # attends over a 2 x 3 music grid
-             LayerInfo("mus.b", 3, 2)]  # cross-attention over text
-    syn = Synapse(image, music, aligner="linear", aligner_params={"resize": "interpolate"})
+    gridded = [LayerInfo("mus.a", 3, 2, tokens=6, grid=(2, 3)),  # attends over a 2 x 3 music grid
+               LayerInfo("mus.b", 3, 2, tokens=4, grid=(1, 4))]
+    mixed = [gridded[0], LayerInfo("mus.b", 3, 2)]  # the second: a cross-attention over text
     cache = FeatureCache()
     x = torch.randn(1, 2, 16, 4, generator=torch.Generator().manual_seed(0))
     cache.add(10, {"img.a": (x, x), "img.b": (x, x)})
-    out = syn.align(cache, 9).at(10)  # 9 text tokens: only for the text layer
-    assert out["mus.a"][0].shape == (1, 3, 6, 2) and out["mus.b"][0].shape == (1, 3, 9, 2)
+    syn = Synapse(image, gridded, aligner="linear", aligner_params={"resize": "interpolate"})
+    out = syn.align(cache, 9).at(10)  # 9 text tokens: no layer here takes them
+    assert out["mus.a"][0].shape == (1, 3, 6, 2) and out["mus.b"][0].shape == (1, 3, 4, 2)
     out = syn.align(cache, [4, 9], grids=[(2, 2), (3, 3)]).at(10)  # explicit per-pair counts win
     assert out["mus.a"][0].shape == (1, 3, 4, 2) and out["mus.b"][0].shape == (1, 3, 9, 2)
+    # pooling works onto either kind of layer: the text layer takes the caption's count
+    syn = Synapse(image, mixed, aligner="linear")
+    out = syn.align(cache, 9).at(10)
+    assert out["mus.a"][0].shape == (1, 3, 6, 2) and out["mus.b"][0].shape == (1, 3, 9, 2)
     with pytest.raises(ValueError, match="tokens"):
         syn.align(cache, [None, None])  # the text layer has no count of its own
     assert [r["music_tokens"] for r in syn.wiring()] == [6, "s (text)"]
+    # a grid resize onto the caption's tokens is refused when built, naming the layer (it used to fail at the
+    # first caption whose token count was not a square, and to treat a square one as a picture)
+    for name, params in (("linear", {"resize": "interpolate"}), ("interpolate", None)):
+        wide = [LayerInfo("mus.a", 2, 4, tokens=6, grid=(2, 3)), LayerInfo("mus.b", 2, 4)]
+        with pytest.raises(ValueError, match=r"aligner: .*mus\.b attend\(s\) over the caption's tokens"):
+            Synapse(image, wide if name == "interpolate" else mixed, aligner=name, aligner_params=params)
 
 
 def test_audioldm_preset_builds_on_meta():

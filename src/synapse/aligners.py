@@ -137,6 +137,12 @@ class Aligner(nn.Module):
     def same_width(self) -> bool:
         return (self.in_heads, self.in_head_dim) == (self.out_heads, self.out_head_dim)
 
+    @property
+    def needs_grid(self) -> bool:
+        """Whether this aligner resizes onto the music layer's spatial token grid, so that it cannot feed a
+        cross-attention over the caption's tokens (which has none). ``False`` unless a subclass says so."""
+        return False
+
     def forward(self, x: torch.Tensor, tokens: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_heads or x.shape[3] != self.in_head_dim:
             raise ValueError(
@@ -208,6 +214,10 @@ class InterpolateAligner(Aligner):
             raise ValueError(f"mode: expected area, bilinear, bicubic, nearest or nearest-exact, got {mode!r}")
         self.mode = mode
 
+    @property
+    def needs_grid(self) -> bool:
+        return True
+
     def align(self, x, tokens, grid):
         if grid is None and x.shape[2] == tokens:
             return x  # already the target shape
@@ -239,6 +249,10 @@ class LinearAligner(Aligner):
             with torch.no_grad():
                 self.proj.weight.copy_(torch.eye(out_dim))
                 self.proj.bias.zero_()
+
+    @property
+    def needs_grid(self) -> bool:
+        return self.resize == "interpolate"
 
     def align(self, x, tokens, grid):
         if self.resize == "pool":

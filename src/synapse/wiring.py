@@ -210,6 +210,14 @@ class Synapse(nn.Module):
             )
             for p in self.pairs
         )
+        text_layers = [p.music.name for p, a in zip(self.pairs, self.aligners, strict=True)
+                       if p.music.tokens is None and getattr(a, "needs_grid", False)]
+        if text_layers:  # refused here, not at the first caption whose token count is not a square
+            raise ValueError(
+                f"aligner: {aligner!r} (with {aligner_params or {}}) resizes onto a music layer's token grid, but "
+                f"{', '.join(text_layers)} attend(s) over the caption's tokens, which form no grid; use 'pool' or "
+                "'linear' (resize 'pool') there"
+            )
 
     @property
     def music_layer_names(self) -> list[str]:
