@@ -45,8 +45,11 @@ __all__ = [
     "IMAGE_ATTRIBUTES", "TEXT_ATTRIBUTES",
     "SyntheticItem", "synthetic_item", "render_image", "render_audio", "write_synthetic_manifest",
     "PICTURE_FAMILIES", "TRAIN_FAMILIES", "HELDOUT_FAMILIES", "HELDOUT_SIZES", "render_picture", "jpeg_bytes",
-    "read_attributes", "attribute_accuracy", "CHANCE", "check_saturation_range",
+    "read_attributes", "attribute_accuracy", "CHANCE", "AUGMENT_SATURATION", "check_saturation_range",
 ]
+
+#: the saturation range augmented training pictures are drawn from unless told otherwise (the shipped model's)
+AUGMENT_SATURATION = (0.6, 0.95)
 
 # the picture: colour (name, hue in [0, 1)) and shade (name, HSV value)
 COLOURS = (("red", 0.00), ("yellow", 0.16), ("green", 0.36), ("blue", 0.62))
@@ -185,7 +188,7 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
                              image_size: int = 64, seed: int = 0, start: int = 0, overwrite: bool = False,
                              families: Sequence[str] | None = None, sizes: Sequence[tuple[int, int]] | None = None,
                              jpeg_quality: int | None = None, augment: bool = False,
-                             saturation: tuple[float, float] = (0.6, 0.95)) -> Path:
+                             saturation: tuple[float, float] = AUGMENT_SATURATION) -> Path:
     """Write ``n`` triplets (``audio/*.wav`` PCM_16, ``images/*.png``) and ``manifest.jsonl`` under ``folder``.
 
     Each manifest row has the standard columns ``captions``, ``location`` and ``img_path`` (relative paths)
@@ -211,7 +214,7 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
     - ``augment``: training augmentation instead of cycling: each picture draws its family from ``families``
       (default :data:`TRAIN_FAMILIES`), its size (half of them ``image_size`` square, the rest 32-320 px a
       side with aspect ratios from 1:2.5 to 2.5:1), its saturation (uniform over ``saturation``, default
-      0.6-0.95), a wider hue jitter, and, for three in ten, JPEG compression at quality 25-90.
+      :data:`AUGMENT_SATURATION`, 0.6-0.95), a wider hue jitter, and, for three in ten, JPEG compression at quality 25-90.
     """
     check_positive_ints(n=n, sample_rate=sample_rate, image_size=image_size)
     pictures = _picture_plan(n, seed, image_size, families, sizes, jpeg_quality, augment, saturation)
@@ -253,7 +256,7 @@ def write_synthetic_manifest(folder: str | Path, *, n: int = 96, seconds: float 
 
 
 def _picture_plan(n: int, seed: int, image_size: int, families, sizes, jpeg_quality, augment,
-                  saturation=(0.6, 0.95)) -> list[dict] | None:
+                  saturation) -> list[dict] | None:
     """Each item's picture settings (family, size, saturation, hue jitter, JPEG quality), or ``None`` for the
     classic pictures (:func:`render_image`, byte for byte as before these options existed)."""
     sat_low, sat_high = check_saturation_range(saturation)

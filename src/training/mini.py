@@ -28,6 +28,12 @@ import torch
 
 from ..checks import finite_float, positive_int
 from ..config import MelFusionConfig
+from ..datasets.synthetic import (
+    AUGMENT_SATURATION,
+    PICTURE_FAMILIES,
+    check_saturation_range,
+    write_synthetic_manifest,
+)
 from ..files import write_atomic
 
 __all__ = ["MiniRecipe", "train_mini", "write_mini_data", "image_manifest"]
@@ -61,7 +67,7 @@ class MiniRecipe:
     #: the families an augmented training set draws from (default: ``TRAIN_FAMILIES``)
     families: tuple[str, ...] | None = None
     #: the range an augmented training picture's saturation is drawn from (image LDM and music stage alike)
-    saturation: tuple[float, float] = (0.6, 0.95)
+    saturation: tuple[float, float] = AUGMENT_SATURATION
     #: overrides of the model config's ``sampling`` section, e.g. {"image_guidance_scale": 7.0}
     sampling: dict[str, Any] = field(default_factory=dict)
 
@@ -83,11 +89,8 @@ class MiniRecipe:
                 raise ValueError(f"{name}: expected a mapping of {name} config fields, got {getattr(self, name)!r}")
         if not isinstance(self.augment, bool):
             raise ValueError(f"augment: expected True or False, got {self.augment!r}")
-        from ..datasets.synthetic import PICTURE_FAMILIES, check_saturation_range
-
         self.saturation = check_saturation_range(self.saturation)
         if self.families is not None:
-
             self.families = tuple(self.families)
             unknown = [f for f in self.families if f not in PICTURE_FAMILIES]
             if not self.families or unknown:
@@ -106,8 +109,6 @@ class MiniRecipe:
 def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tuple[Path, Path]:
     """The training and held-out manifests under ``folder`` (``train/``, ``heldout/``; with ``n_image`` also
     ``images/``, the image LDM's pictures: see :func:`image_manifest`); reused if present."""
-    from ..datasets.synthetic import write_synthetic_manifest
-
     recipe = MiniRecipe() if recipe is None else recipe
     folder = Path(folder)
     out = []
@@ -120,7 +121,7 @@ def write_mini_data(folder: str | Path, recipe: MiniRecipe | None = None) -> tup
         extra: dict[str, Any] = {}
         if name in ("train", "images") and recipe.augment:
             extra = {"augment": True, "families": list(recipe.families) if recipe.families else None}
-            if recipe.saturation != (0.6, 0.95):  # the default leaves earlier runs' stamps valid
+            if recipe.saturation != AUGMENT_SATURATION:  # the default leaves earlier runs' stamps valid
                 extra["saturation"] = list(recipe.saturation)
         want = json.dumps({"n": n, "seed": seed, "start": start, **extra})
         if not (stamp.is_file() and stamp.read_text() == want and manifest.is_file()):
