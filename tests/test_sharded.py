@@ -26,6 +26,9 @@ from melfusion.training.sharding import is_sharded, local, shard_like, whole, wh
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "helpers" / "fsdp_cpu.py"
 FSDP_CONFIG = REPO / "examples" / "accelerate" / "fsdp.yaml"
+DEEPSPEED_WORKER = REPO / "tests" / "helpers" / "deepspeed_cpu.py"
+DEEPSPEED_YAML = REPO / "examples" / "accelerate" / "deepspeed_zero2.yaml"
+DEEPSPEED_JSON = REPO / "examples" / "accelerate" / "deepspeed_zero2.json"
 
 
 def _config(manifest: Path, output: Path, **fields) -> TrainConfig:
@@ -34,14 +37,97 @@ def _config(manifest: Path, output: Path, **fields) -> TrainConfig:
     return TrainConfig.model_validate({**data, **fields})
 
 
-@pytest.mark.parametrize("engine", [DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM])
-def test_trainer_refuses_deepspeed_and_megatron(tmp_path, engine):
+def test_trainer_refuses_megatron(tmp_path):
     manifest = write_toy_manifest(tmp_path / "toy", n=4, seconds=1.0)
-    fake = SimpleNamespace(distributed_type=engine, device="cpu", is_main_process=True, num_processes=2)
-    with pytest.raises(ValueError, match=rf"^accelerate: distributed_type {engine.name} \(sharded training\) is not "
-                                         r"supported .*Use FSDP .*examples/accelerate/fsdp.yaml"):
+    fake = SimpleNamespace(distributed_type=DistributedType.MEGATRON_LM, device="cpu", is_main_process=True,
+                           num_processes=2)
+    with pytest.raises(ValueError, match=r"^accelerate: distributed_type MEGATRON_LM \(sharded training\) is not "
+                                         r"supported .*Use FSDP .*examples/accelerate/fsdp.yaml.*DeepSpeed ZeRO-2"):
         Trainer(_config(manifest, tmp_path / "run"), accelerator=fake)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _fake_deepspeed(ds_config: dict, processes: int = 2) -> SimpleNamespace:
+    plugin = SimpleNamespace(deepspeed_config=ds_config)
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, device="cpu", is_main_process=True,
+                           num_processes=processes, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize(("ds_config", "mixed", "message"), [
+    ({"zero_optimization": {"stage": 3}}, "no", r"zero_optimization.stage 3 is not supported .*stages 1 and 2.*"
+                                                r"ZeRO-3.*use FSDP: examples/accelerate/fsdp.yaml"),
+    ({"zero_optimization": {"stage": 0}}, "no", r"zero_optimization.stage 0 is not supported"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "no",
+     r"zero_optimization.offload_optimizer \(device cpu\) is not supported"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, "bf16",
+     r"DeepSpeed bf16.enabled casts .* set bf16.enabled false and torch_autocast: \{enabled: true, dtype: bfloat16\}"),
+    ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": "true"}}, "no", r"DeepSpeed fp16.enabled casts"),
+    ({"zero_optimization": {"stage": 2}}, "fp16", r"^mixed_precision: fp16 is not supported under DeepSpeed"),
+])
+def test_trainer_refuses_deepspeed_settings_it_does_not_run(tmp_path, ds_config, mixed, message):
+    manifest = write_toy_manifest(tmp_path / "toy", n=4, seconds=1.0)
+    with pytest.raises(ValueError, match=message):
+        Trainer(_config(manifest, tmp_path / "run", mixed_precision=mixed), accelerator=_fake_deepspeed(ds_config))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_deepspeed_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path, monkeypatch):
+    """`accelerate launch` with a DeepSpeed config on a machine without GPUs: accelerate would train plain DDP
+    (its CPU processes stay MULTI_CPU); the trainer says so instead, before any work."""
+    manifest = write_toy_manifest(tmp_path / "toy", n=4, seconds=1.0)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^accelerate: DeepSpeed was asked for .* without a GPU"):
+        Trainer(_config(manifest, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_zero_config_takes_the_training_configs_batch_clipping_and_precision():
+    from melfusion.training.zero import fill_zero_config
+
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+          "torch_autocast": {"enabled": "auto", "dtype": "auto"}}
+    fill_zero_config(_fake_deepspeed(ds, processes=4), batch_size=3, gradient_accumulation_steps=2,
+                     max_grad_norm=0.5, mixed_precision="bf16")
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    ds = {"zero_optimization": {"stage": 2}}  # absent values too; no clipping is 0; no autocast without bf16
+    fill_zero_config(_fake_deepspeed(ds), batch_size=1, gradient_accumulation_steps=1, max_grad_norm=None)
+    assert ds["gradient_clipping"] == 0.0 and ds["torch_autocast"] == {"enabled": False}
+    assert ds["train_batch_size"] == 2
+    for key, value, named in [("train_micro_batch_size_per_gpu", 4, "batch_size gives 3"),
+                              ("gradient_accumulation_steps", 1, "gradient_accumulation_steps gives 2"),
+                              ("gradient_clipping", 1.0, "optim.max_grad_norm gives 0.5")]:
+        ds = {"zero_optimization": {"stage": 2}, key: value}
+        with pytest.raises(ValueError, match=rf"^accelerate: the DeepSpeed config sets {key} {value}, .*{named}"):
+            fill_zero_config(_fake_deepspeed(ds), batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5)
+    ds = {"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True}}
+    with pytest.raises(ValueError, match=r"torch_autocast.enabled True, the training config's mixed_precision is "
+                                         r"'no'"):
+        fill_zero_config(_fake_deepspeed(ds), batch_size=1, gradient_accumulation_steps=1, max_grad_norm=None)
+
+
+def test_shipped_deepspeed_config_loads_in_accelerate():
+    """examples/accelerate/deepspeed_zero2.json is a DeepSpeed config accelerate reads, ZeRO stage 2 with float32
+    weights, and what melfusion fills in is "auto" there (so any training config runs with it)."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from melfusion.training.zero import check_zero_config
+
+    plugin = DeepSpeedPlugin(hf_ds_config=str(DEEPSPEED_JSON))
+    assert plugin.zero_stage == 2
+    raw = json.loads(DEEPSPEED_JSON.read_text())
+    assert all(raw[k] == "auto" for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                          "train_batch_size", "gradient_clipping"))
+    check_zero_config(_fake_deepspeed(plugin.deepspeed_config), "bf16")
+    text = DEEPSPEED_YAML.read_text()
+    assert "distributed_type: DEEPSPEED" in text and "deepspeed_config_file: examples/accelerate/deepspeed_zero2.json" in text
 
 
 def test_trainer_refuses_fsdp_version_1(tmp_path):
@@ -110,19 +196,59 @@ def _launch(config: Path, output: Path, engine: str, *args: str) -> str:
     return proc.stdout
 
 
-def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path):
-    """Two CPU processes under accelerate's FSDP2 (the tiny UNet's transformer blocks as units), mode
-    synapse+unet with gradient accumulation, clipping and an EMA, launched with examples/accelerate/fsdp.yaml:
-    after one step, a checkpoint and a second step resumed by a new model and trainer, every checkpointed tensor (trained weights, EMA, AdamW state) is whole and equals the same run
-    under DDP within 1e-6, and the saved models agree."""
-    manifest = write_toy_manifest(tmp_path / "toy", n=8, seconds=1.0)
-    config = tmp_path / "train.yaml"
-    _config(manifest, tmp_path / "unused", batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The reference for the sharded engines: two CPU processes under DDP, through `accelerate launch
+    --multi_gpu` and the CLI, mode synapse+unet (the default) with gradient accumulation, clipping, an EMA and
+    two learning-rate groups, two steps, a checkpoint after each: ``(train.yaml, run folder)``."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    manifest = write_toy_manifest(tmp / "toy", n=8, seconds=1.0)
+    config = tmp / "train.yaml"
+    _config(manifest, tmp / "unused", batch_size=2, gradient_accumulation_steps=2, max_steps=2,
             checkpoint_every=1, keep_last=3, ema={"enabled": True, "decay": 0.5},
             optim={"unet_lr": 1e-3, "alpha_lr": 1e-2, "max_grad_norm": 0.5}).save(config)
-
-    out = _launch(config, tmp_path / "ddp", "cli")  # DDP through `accelerate launch --multi_gpu` and the CLI
+    out = _launch(config, tmp / "ddp", "cli")
     assert "trained 2 steps" in out
+    return config, tmp / "ddp"
+
+
+def _assert_checkpoints_match(run: Path, reference: Path, step: int) -> None:
+    """Every checkpointed tensor (trained weights, EMA, AdamW state) of ``run`` at ``step`` is whole and equals
+    the reference's within 1e-6."""
+    ref, ref_state = load_checkpoint(reference / "checkpoints" / f"step-{step:08d}")
+    got, got_state = load_checkpoint(run / "checkpoints" / f"step-{step:08d}")
+    assert got_state["world_size"] == ref_state["world_size"] == 2
+    assert got.keys() == ref.keys() == {"trainable", "optimizer", "ema"}
+    for stem in ref:
+        assert got[stem].keys() == ref[stem].keys(), stem
+        for key, want in ref[stem].items():
+            assert got[stem][key].shape == want.shape, (stem, key)  # whole tensors, not one process's slice
+            torch.testing.assert_close(got[stem][key], want, rtol=1e-6, atol=1e-6, msg=f"{stem}: {key}")
+    assert got_state["optimizer"]["plain_state"] == ref_state["optimizer"]["plain_state"]
+    assert [g["params"] for g in got_state["optimizer"]["param_groups"]] == \
+        [g["params"] for g in ref_state["optimizer"]["param_groups"]]
+    assert [g["lr"] for g in got_state["optimizer"]["param_groups"]] == \
+        [g["lr"] for g in ref_state["optimizer"]["param_groups"]]
+
+
+def _assert_models_match(run: Path, reference: Path) -> None:
+    from melfusion import MelFusion
+
+    a = MelFusion.from_pretrained(run / "model")
+    b = MelFusion.from_pretrained(reference / "model")
+    sa, sb = a.denoiser.state_dict(), b.denoiser.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sb:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-6, atol=1e-6, msg=key)
+    torch.testing.assert_close(a.synapse.mixer.alphas(), b.synapse.mixer.alphas(), rtol=1e-6, atol=1e-6)
+
+
+def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, ddp_run):
+    """Two CPU processes under accelerate's FSDP2 (the tiny UNet's transformer blocks as units), the reference's
+    settings, launched with examples/accelerate/fsdp.yaml: after one step, a checkpoint and a second step resumed
+    by a new model and trainer, every checkpointed tensor (trained weights, EMA, AdamW state) is whole and equals
+    the same run under DDP within 1e-6, and the saved models agree."""
+    config, ddp = ddp_run
     # examples/accelerate/fsdp.yaml: one step, then a new model and trainer resume from its checkpoint
     out = _launch(config, tmp_path / "fsdp", "launched", "--max-steps", "1", "--then-resume")
     assert "plugin: fsdp_version=2 wrap=['BasicTransformerBlock']" in out
@@ -132,30 +258,16 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path):
     assert sharded == total > 0  # every trained tensor was a slice
 
     for step in (1, 2):
-        ddp, ddp_state = load_checkpoint(tmp_path / "ddp" / "checkpoints" / f"step-{step:08d}")
-        fsdp, fsdp_state = load_checkpoint(tmp_path / "fsdp" / "checkpoints" / f"step-{step:08d}")
-        assert fsdp_state["world_size"] == ddp_state["world_size"] == 2
-        assert fsdp.keys() == ddp.keys() == {"trainable", "optimizer", "ema"}
-        for stem in ddp:
-            assert fsdp[stem].keys() == ddp[stem].keys()
-            for key, want in ddp[stem].items():
-                got = fsdp[stem][key]
-                assert got.shape == want.shape, (stem, key)  # whole tensors, not one process's slice
-                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"{stem}: {key}")
+        _assert_checkpoints_match(tmp_path / "fsdp", ddp, step)
     first, _ = load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "step-00000001")
     last, _ = load_checkpoint(latest_checkpoint(tmp_path / "fsdp" / "checkpoints"))
     moved = [k for k in last["trainable"] if not torch.equal(last["trainable"][k], first["trainable"][k])]
     assert len(moved) > len(last["trainable"]) // 2  # the second step trained
 
+    _assert_models_match(tmp_path / "fsdp", ddp)
     from melfusion import MelFusion
 
     a = MelFusion.from_pretrained(tmp_path / "fsdp" / "model")
-    b = MelFusion.from_pretrained(tmp_path / "ddp" / "model")
-    sa, sb = a.denoiser.state_dict(), b.denoiser.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sb:
-        torch.testing.assert_close(sa[key], sb[key], rtol=1e-6, atol=1e-6, msg=key)
-    torch.testing.assert_close(a.synapse.mixer.alphas(), b.synapse.mixer.alphas(), rtol=1e-6, atol=1e-6)
     # the saved model holds the averaged (EMA) weights, as without sharding
     ema = last["ema"]
     named = dict(a.denoiser.named_parameters())
@@ -166,6 +278,39 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path):
             torch.testing.assert_close(named[name].detach(), value, rtol=1e-6, atol=1e-6, msg=key)
             checked += 1
     assert checked > 10
+
+
+def test_deepspeed_zero2_trains_as_ddp_does_and_resumes_exactly(tmp_path, ddp_run):
+    """Two CPU processes under accelerate's DeepSpeed engine, ZeRO stage 2, launched with
+    examples/accelerate/deepspeed_zero2.yaml, the reference's settings (batch, accumulation and clipping reach
+    DeepSpeed through the config's "auto" values): each process holds about half the AdamW state; after one
+    step, a checkpoint and a second step resumed by a new model and trainer, every checkpointed tensor (trained
+    weights, EMA, AdamW state) is whole and equals the same run under DDP within 1e-6, the saved models agree,
+    and a ZeRO run resumes the DDP run's first checkpoint to the same second step."""
+    pytest.importorskip("deepspeed")
+    config, ddp = ddp_run
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DEEPSPEED_YAML),
+           "--num_processes", "2", str(DEEPSPEED_WORKER), str(config), str(tmp_path / "zero"), "--max-steps", "1",
+           "--then-resume", "--also-resume", str(ddp / "checkpoints" / "step-00000001"), str(tmp_path / "cross")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "zero stage 2; optimizer DeepSpeedZeroOptimizer" in out
+    held = [line.split() for line in out.splitlines() if line.startswith("rank ") and " holds " in line]
+    assert len(held) == 2
+    total = int(held[0][5])
+    parts = [int(words[3]) for words in held]
+    assert all(0.4 * total < n < 0.6 * total for n in parts), (parts, total)  # split, not replicated
+    assert total <= sum(parts) < total + 64  # together, all of it (DeepSpeed pads each group's flat copy a little)
+    assert "trained 1 steps; resuming" in out and "trained 2 steps" in out
+    assert "resumed step-00000001: trained 2 steps" in out
+
+    for step in (1, 2):
+        _assert_checkpoints_match(tmp_path / "zero", ddp, step)
+    _assert_checkpoints_match(tmp_path / "cross", ddp, 2)  # a checkpoint written without DeepSpeed resumes
+    _assert_models_match(tmp_path / "zero", ddp)
+    _assert_models_match(tmp_path / "cross", ddp)
 
 
 def test_models_load_onto_an_indexed_cpu(tmp_path):

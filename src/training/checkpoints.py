@@ -34,6 +34,7 @@ from ..files import clean_leftovers, pid_alive, replace_folder
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "clean_checkpoint_leftovers", "optimizer_state_to_files", "optimizer_state_from_files",
+           "read_optimizer_files",
            "CHECKPOINT_PATTERN"]
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -178,11 +179,14 @@ def optimizer_state_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str
     return tensors, {"param_groups": groups, "plain_state": plain}
 
 
-def optimizer_state_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                               meta: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_state_to_files`; a ``ValueError`` naming what does not fit ``optimizer``."""
-    current = optimizer.state_dict()["param_groups"]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+def read_optimizer_files(group_shapes: list[list[tuple[int, ...]]], tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """Check and parse what :func:`optimizer_state_to_files` wrote, for an optimizer whose parameter groups hold
+    parameters of ``group_shapes``: ``(state by parameter index, param_groups)``, as ``state_dict()`` gives them.
+
+    A ``ValueError`` names what does not fit. Used without an optimizer when the state goes elsewhere than
+    ``load_state_dict`` (DeepSpeed ZeRO's partitions, :mod:`melfusion.training.zero`).
+    """
     if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
             or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in meta["param_groups"]):
         raise ValueError("resume: the checkpoint's optimizer state has no valid param_groups (corrupt checkpoint?)")
@@ -192,13 +196,14 @@ def optimizer_state_from_files(optimizer: torch.optim.Optimizer, tensors: dict[s
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
         groups.append(g)
-    if [len(g["params"]) for g in current] != [len(g["params"]) for g in groups]:
+    if [len(shapes) for shapes in group_shapes] != [len(g["params"]) for g in groups]:
         raise ValueError("resume: the checkpoint's optimizer has different parameter groups than this run "
                          "(was it written with another mode or model?)")
     ids = [i for g in groups for i in g["params"]]
-    if sorted(ids) != list(range(len(params))):
+    if sorted(ids) != list(range(len(ids))):
         raise ValueError("resume: the checkpoint's optimizer param_groups do not index this run's parameters")
-    shape_of = {index: tuple(p.shape) for index, p in zip(ids, params, strict=True)}
+    shape_of = {index: tuple(shape) for index, shape in zip(ids, (s for shapes in group_shapes for s in shapes),
+                                                                strict=True)}
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         parts = key.split(".", 2)
@@ -216,6 +221,14 @@ def optimizer_state_from_files(optimizer: torch.optim.Optimizer, tensors: dict[s
         if not str(index).isdigit() or int(index) not in shape_of or not isinstance(entry, dict):
             raise ValueError(f"resume: unexpected optimizer state entry {index!r} in the checkpoint")
         state.setdefault(int(index), {}).update(entry)
+    return state, groups
+
+
+def optimizer_state_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                               meta: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state_to_files`; a ``ValueError`` naming what does not fit ``optimizer``."""
+    shapes = [[tuple(p.shape) for p in g["params"]] for g in optimizer.param_groups]
+    state, groups = read_optimizer_files(shapes, tensors, meta)
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:

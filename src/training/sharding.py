@@ -98,19 +98,32 @@ def whole_parameters(root: nn.Module, parts: Iterable[nn.Module] | None = None, 
         # FSDP2 puts a unit's slices back in place (its state_dict pre-hook) unless the unit is already split:
         # split every unit first, so the whole tensors swapped in below stay (no-op when already split)
         unit.reshard()
+
+    def gathered(param: nn.Parameter) -> nn.Parameter | None:
+        if not is_sharded(param):
+            return None
+        full = param.full_tensor().detach().cpu()  # every process, the same order
+        return nn.Parameter(full, requires_grad=param.requires_grad) if keep else None
+
+    with swapped_parameters(modules, gathered):
+        yield
+
+
+@contextlib.contextmanager
+def swapped_parameters(modules: Iterable[nn.Module], replacement) -> Iterator[None]:
+    """Inside, each parameter of ``modules`` (and their submodules) for which ``replacement(parameter)`` gives a
+    parameter is that one, in its module's place; the originals come back on leaving. ``replacement`` is called
+    once per parameter (a shared one once), in the modules' order; None leaves the parameter in place."""
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    gathered: dict[int, nn.Parameter | None] = {}  # a parameter shared by two modules is gathered once
+    made: dict[int, nn.Parameter | None] = {}
     try:
         for module in modules:
             for owner in module.modules():
                 for name, param in list(owner.named_parameters(recurse=False)):
-                    if not is_sharded(param):
-                        continue
-                    if id(param) not in gathered:
-                        full = param.full_tensor().detach().cpu()  # every process, the same order
-                        gathered[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad) if keep else None
-                    if keep:
-                        owner.register_parameter(name, gathered[id(param)])
+                    if id(param) not in made:
+                        made[id(param)] = replacement(param)
+                    if made[id(param)] is not None:
+                        owner.register_parameter(name, made[id(param)])
                         swapped.append((owner, name, param))
         yield
     finally:

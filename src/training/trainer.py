@@ -58,6 +58,15 @@ from .config import TrainConfig
 from .logs import TrainingLog, loss_name
 from .runfolder import RunFolderLockedError, RunLock, check_fresh_run, check_run_folder
 from .sharding import local, shard_like, shard_optimizer_state, whole, whole_parameters
+from .zero import (
+    check_zero_config,
+    fill_zero_config,
+    load_zero_optimizer_state,
+    load_zero_weights,
+    own_storage,
+    zero_optimizer_state,
+    zero_trainable,
+)
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "NonFiniteWeightsError", "train"]
 
@@ -250,12 +259,21 @@ class Trainer:
         if accelerator is None:
             # launched as several processes (accelerate launch, torchrun) on a machine without GPUs: gloo on the CPU
             cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+            if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+                # accelerate would quietly run plain data parallelism instead
+                raise ValueError("accelerate: DeepSpeed was asked for (distributed_type: DEEPSPEED) on processes "
+                                 "without a GPU; accelerate runs DeepSpeed on GPUs only. Launch with --multi_gpu "
+                                 "for data parallelism on the CPU (docs/training.md, 'Sharded training')")
             accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
         self.accelerator = accelerator
         acc = self.accelerator
         engine = str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
         #: FSDP2: the trained module's parameters are slices (DTensors); saves gather them (collectives)
         self.sharded = engine == "FSDP"
+        #: DeepSpeed ZeRO-1/2: whole weights, the optimizer state split; saves gather it (collectives)
+        self.zero = engine == "DEEPSPEED"
+        if self.zero:
+            check_zero_config(acc, config.mixed_precision)
         plugin = getattr(getattr(acc, "state", None), "fsdp_plugin", None)
         if self.sharded and getattr(plugin, "fsdp_version", 2) != 2:
             raise ValueError(
@@ -272,9 +290,9 @@ class Trainer:
             raise ValueError(
                 f"accelerate: distributed_type {engine} (sharded training) is not supported by melfusion's trainer: "
                 "its checkpoints and model/ would be written from each process's own shards. Use FSDP "
-                "(accelerate launch --config_file examples/accelerate/fsdp.yaml), data parallelism (accelerate "
-                "launch --multi_gpu), mode: lora, gradient_checkpointing or mixed_precision: bf16 "
-                "(docs/training.md, 'Sharded training')")
+                "(accelerate launch --config_file examples/accelerate/fsdp.yaml), DeepSpeed ZeRO-2 "
+                "(examples/accelerate/deepspeed_zero2.yaml), data parallelism (accelerate launch --multi_gpu), "
+                "mode: lora, gradient_checkpointing or mixed_precision: bf16 (docs/training.md, 'Sharded training')")
         self.output = Path(config.output)
         self.checkpoint_dir = self.output / "checkpoints"
         self.device = acc.device
@@ -338,6 +356,13 @@ class Trainer:
         self.lr_scheduler = get_scheduler(config.optim.lr_scheduler, self.optimizer,
                                           num_warmup_steps=config.optim.warmup_steps,
                                           num_training_steps=config.max_steps)
+        # the trained parameters of each optimizer group, in order, as the checkpoints index them (DeepSpeed
+        # replaces the optimizer's own lists by its flat partitions)
+        self._groups = [list(g["params"]) for g in self.optimizer.param_groups]
+        if self.zero:
+            fill_zero_config(acc, batch_size=config.batch_size,
+                             gradient_accumulation_steps=config.gradient_accumulation_steps,
+                             max_grad_norm=config.optim.max_grad_norm, mixed_precision=config.mixed_precision)
         self.wrapped, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.ema = EMA(self._trained(), config.ema.decay, config.ema.start_step) if config.ema.enabled else None
         fs = model.feature_source  # cached image latents belong to this image model, resolution and dtype
@@ -714,10 +739,15 @@ class Trainer:
         for micro in range(c.gradient_accumulation_steps):
             batch = next(loader)
             last = micro == c.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.wrapped):
+            if self.zero:  # the engine reduces the gradients at the boundary; it steps below, once they are checked
+                self.wrapped.set_gradient_accumulation_boundary(last)
+            with contextlib.nullcontext() if last or self.zero else acc.no_sync(self.wrapped):
                 try:
                     loss = self._micro_loss(batch, self.step, micro) / c.gradient_accumulation_steps
-                    acc.backward(loss)
+                    if self.zero:
+                        self.wrapped.backward(loss, scale_wrt_gas=False)  # already divided, as without DeepSpeed
+                    else:
+                        acc.backward(loss)
                 finally:
                     self.module.release()
             total += loss.detach()
@@ -729,7 +759,11 @@ class Trainer:
                 f"training: the loss is {mean_loss} at step {self.step + 1}{where}. Lower the learning "
                 "rates (optim.*_lr), try mixed_precision: bf16 instead of fp16, or check the data.")
         grad_norm = None
-        if c.optim.max_grad_norm is not None:
+        if self.zero:  # clipping (gradient_clipping, from optim.max_grad_norm), the update and zero_grad
+            self.wrapped.step()
+            norm = self.wrapped.get_global_grad_norm() if c.optim.max_grad_norm is not None else None
+            grad_norm = None if norm is None else float(norm)
+        elif c.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(list(trained.values()), c.optim.max_grad_norm))
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:
@@ -818,9 +852,17 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """What a checkpoint holds: ``({"trainable"|"optimizer"|"ema": tensors}, JSON-able state)``; under FSDP the
-        tensors are this process's slices (``save_state`` gathers them)."""
-        opt_tensors, opt_meta = optimizer_state_to_files(self.optimizer)
-        tensors = {"trainable": {k: v.detach() for k, v in self._trained().items()}, "optimizer": opt_tensors}
+        tensors are this process's slices (``save_state`` gathers them). Under DeepSpeed ZeRO they are gathered
+        here, a collective (other processes than the main one get only the scalars)."""
+        if self.zero:
+            keep = self.accelerator.is_main_process
+            opt_tensors, opt_meta = zero_optimizer_state(self.optimizer, self._groups, keep=keep)
+            trainable = zero_trainable(self._trained(), keep=keep)
+            trainable = {k: v for k, v in trainable.items() if v is not None}
+        else:
+            opt_tensors, opt_meta = optimizer_state_to_files(self.optimizer)
+            trainable = {k: v.detach() for k, v in self._trained().items()}
+        tensors = {"trainable": trainable, "optimizer": opt_tensors}
         if self.ema is not None:
             tensors["ema"] = dict(self.ema.shadow)
         state = {
@@ -922,7 +964,10 @@ class Trainer:
                           f"{self.accelerator.num_processes}: the data order will differ from an uninterrupted run",
                           stacklevel=3)
         try:
-            optimizer_state_from_files(self.optimizer, tensors["optimizer"], state["optimizer"])
+            if self.zero:  # each process keeps its own slices of ZeRO's partitions
+                load_zero_optimizer_state(self.optimizer, self._groups, tensors["optimizer"], state["optimizer"])
+            else:
+                optimizer_state_from_files(self.optimizer, tensors["optimizer"], state["optimizer"])
         except ValueError as exc:
             raise ValueError(f"resume: {str(path)!r}: {str(exc).removeprefix('resume: ')}") from None
         shard_optimizer_state(self.optimizer)  # under FSDP: this process's slices of the whole saved state
@@ -930,9 +975,12 @@ class Trainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OSError(f"resume: the learning-rate schedule in {str(state_file)!r} does not load ({exc})") from None
-        with torch.no_grad():
-            for k, p in trained.items():
-                p.copy_(shard_like(saved[k], p))
+        if self.zero:
+            load_zero_weights(trained, saved)  # the module's weights and DeepSpeed's float32 copy
+        else:
+            with torch.no_grad():
+                for k, p in trained.items():
+                    p.copy_(shard_like(saved[k], p))
         if self.ema is not None:
             self.ema.shadow = {k: shard_like(v, trained[k], dtype=torch.float32) for k, v in tensors["ema"].items()}
         self.step = step
@@ -966,17 +1014,21 @@ class Trainer:
         """
         path = self.output / "model" if path is None else Path(path)
         self._check_weights("model", self.step)
-        averaged = contextlib.nullcontext() if self.ema is None else self.ema.swapped_into(self._trained())
         if not self.sharded:
-            with averaged:
-                return self.model.save_pretrained(path)
+            # under DeepSpeed ZeRO the trained weights are views into one flat buffer: saved from copies
+            with own_storage(self.module) if self.zero else contextlib.nullcontext():
+                averaged = contextlib.nullcontext() if self.ema is None else self.ema.swapped_into(self._trained())
+                with averaged:
+                    return self.model.save_pretrained(path)
+        averaged = contextlib.nullcontext() if self.ema is None else self.ema.swapped_into(self._trained())
         with averaged, whole_parameters(self.module, keep=self.accelerator.is_main_process):
             return self._on_main(lambda: self.model.save_pretrained(path))
 
 
 
-#: accelerate's sharded engines the trainer refuses (see Trainer.__init__); FSDP (version 2) is supported
-_REFUSED = ("DEEPSPEED", "MEGATRON_LM")
+#: accelerate's sharded engines the trainer refuses (see Trainer.__init__); FSDP (version 2) and DeepSpeed
+#: (ZeRO stages 1 and 2) are supported
+_REFUSED = ("MEGATRON_LM",)
 
 
 def train(config: TrainConfig | str | Path, *, manifest: str | None = None, output: str | None = None,
