@@ -63,6 +63,13 @@ def _fake_deepspeed(ds_config: dict, processes: int = 2) -> SimpleNamespace:
      r"DeepSpeed bf16.enabled casts .* set bf16.enabled false and torch_autocast: \{enabled: true, dtype: bfloat16\}"),
     ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": "true"}}, "no", r"DeepSpeed fp16.enabled casts"),
     ({"zero_optimization": {"stage": 2}}, "fp16", r"^mixed_precision: fp16 is not supported under DeepSpeed"),
+    ({"zero_optimization": {"stage": "3"}}, "no", r"zero_optimization.stage 3 is not supported"),
+    ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "no",
+     r"has a 'scheduler' section; melfusion's trainer builds its own \(set optim.lr_scheduler"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, "no", r"has a 'optimizer' section"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "yes"}}, "no",
+     r"bf16.enabled is 'yes'; give true, false or \"auto\""),
+    ({"zero_optimization": [2]}, "no", r"zero_optimization is not a mapping"),
 ])
 def test_trainer_refuses_deepspeed_settings_it_does_not_run(tmp_path, ds_config, mixed, message):
     manifest = write_toy_manifest(tmp_path / "toy", n=4, seconds=1.0)
@@ -108,6 +115,25 @@ def test_zero_config_takes_the_training_configs_batch_clipping_and_precision():
     with pytest.raises(ValueError, match=r"torch_autocast.enabled True, the training config's mixed_precision is "
                                          r"'no'"):
         fill_zero_config(_fake_deepspeed(ds), batch_size=1, gradient_accumulation_steps=1, max_grad_norm=None)
+    # DeepSpeed reads any string as true and compares numbers as numbers: what is written is the training
+    # config's value, typed; an equal string passes, "false" stays off, and a word is named
+    ds = {"zero_optimization": {"stage": 2}, "gradient_clipping": "0.5", "train_micro_batch_size_per_gpu": "3",
+          "torch_autocast": {"enabled": "false"}}
+    fill_zero_config(_fake_deepspeed(ds), batch_size=3, gradient_accumulation_steps=1, max_grad_norm=0.5)
+    assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["torch_autocast"]["enabled"] is False
+    ds = {"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": "TRUE", "dtype": "bf16"}}
+    fill_zero_config(_fake_deepspeed(ds), batch_size=1, gradient_accumulation_steps=1, max_grad_norm=None,
+                     mixed_precision="bf16")
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    for value in ("none", "Auto", float("nan")):
+        ds = {"zero_optimization": {"stage": 2}, "gradient_clipping": value}
+        with pytest.raises(ValueError, match=r"^accelerate: the DeepSpeed config's gradient_clipping is .*, not a"):
+            fill_zero_config(_fake_deepspeed(ds), batch_size=1, gradient_accumulation_steps=1, max_grad_norm=1.0)
+    ds = {"zero_optimization": {"stage": 2}, "torch_autocast": {"dtype": "float16"}}
+    with pytest.raises(ValueError, match=r"torch_autocast.dtype is float16; .* runs bfloat16"):
+        fill_zero_config(_fake_deepspeed(ds), batch_size=1, gradient_accumulation_steps=1, max_grad_norm=None,
+                         mixed_precision="bf16")
 
 
 def test_shipped_deepspeed_config_loads_in_accelerate():
@@ -292,7 +318,8 @@ def test_deepspeed_zero2_trains_as_ddp_does_and_resumes_exactly(tmp_path, ddp_ru
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DEEPSPEED_YAML),
            "--num_processes", "2", str(DEEPSPEED_WORKER), str(config), str(tmp_path / "zero"), "--max-steps", "1",
-           "--then-resume", "--also-resume", str(ddp / "checkpoints" / "step-00000001"), str(tmp_path / "cross")]
+           "--then-resume", "--also-resume", str(ddp / "checkpoints" / "step-00000001"), str(tmp_path / "cross"),
+           "--nan-gradient", str(tmp_path / "nan")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
@@ -311,6 +338,27 @@ def test_deepspeed_zero2_trains_as_ddp_does_and_resumes_exactly(tmp_path, ddp_ru
     _assert_checkpoints_match(tmp_path / "cross", ddp, 2)  # a checkpoint written without DeepSpeed resumes
     _assert_models_match(tmp_path / "zero", ddp)
     _assert_models_match(tmp_path / "cross", ddp)
+    # NaN gradients with a finite loss: DeepSpeed skips the update; the trainer stops, as it does without it
+    refused = next(line for line in out.splitlines() if line.startswith("refused: "))
+    assert "training: the gradients hold NaN or infinite values at step 1" in refused, refused
+    assert refused.endswith("unchanged: True"), refused
+    assert not list((tmp_path / "nan" / "checkpoints").glob("step-*"))
+
+    # and a checkpoint written under ZeRO resumes in one process without DeepSpeed, its state as written
+    saved, _ = load_checkpoint(tmp_path / "zero" / "checkpoints" / "step-00000001")
+    import shutil
+
+    shutil.copytree(tmp_path / "zero" / "checkpoints" / "step-00000001",
+                    tmp_path / "plain" / "checkpoints" / "step-00000001")
+    trainer = Trainer(TrainConfig.load(config, output=str(tmp_path / "plain")))
+    with pytest.warns(UserWarning, match="written by 2 processes, this run has 1"):
+        trainer.load_state(tmp_path / "plain" / "checkpoints" / "step-00000001")
+    again, _ = trainer.state_tensors()
+    trainer.close()
+    for stem in ("trainable", "optimizer", "ema"):
+        assert again[stem].keys() == saved[stem].keys(), stem
+        for key, want in saved[stem].items():
+            assert torch.equal(again[stem][key].cpu(), want), (stem, key)
 
 
 def test_models_load_onto_an_indexed_cpu(tmp_path):

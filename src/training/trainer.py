@@ -298,6 +298,7 @@ class Trainer:
         self.device = acc.device
         self.step = 0
         self._started = False  # whether train() has begun writing this run's folder
+        self._stopped = False  # a non-finite loss under DeepSpeed: no further step (see optimizer_step)
         if config.data.manifest is None:
             raise ValueError("data.manifest: no manifest given (set it in the config or pass --manifest)")
         # the run folder: refused before any work if it is not one; locked from here to the end of train()
@@ -356,10 +357,11 @@ class Trainer:
         self.lr_scheduler = get_scheduler(config.optim.lr_scheduler, self.optimizer,
                                           num_warmup_steps=config.optim.warmup_steps,
                                           num_training_steps=config.max_steps)
-        # the trained parameters of each optimizer group, in order, as the checkpoints index them (DeepSpeed
-        # replaces the optimizer's own lists by its flat partitions)
-        self._groups = [list(g["params"]) for g in self.optimizer.param_groups]
         if self.zero:
+            # the trained parameters of each optimizer group, in order, as the checkpoints index them (DeepSpeed
+            # replaces the optimizer's own lists by its flat partitions). Only here: under FSDP, holding the
+            # parameters from before prepare() would keep a whole copy of them alive on every process
+            self._groups = [list(g["params"]) for g in self.optimizer.param_groups]
             fill_zero_config(acc, batch_size=config.batch_size,
                              gradient_accumulation_steps=config.gradient_accumulation_steps,
                              max_grad_norm=config.optim.max_grad_norm, mixed_precision=config.mixed_precision)
@@ -735,6 +737,10 @@ class Trainer:
                        last_checkpoint: Path | None = None) -> tuple[float, float | None]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches: ``(mean loss, grad norm)``."""
         c, acc = self.config, self.accelerator
+        if self._stopped:
+            raise RuntimeError("training: this Trainer stopped at a non-finite loss under DeepSpeed, whose "
+                               "partitions still hold that step's gradients; build a new Trainer and resume from "
+                               "the last checkpoint")
         total = torch.zeros((), device=self.device)
         for micro in range(c.gradient_accumulation_steps):
             batch = next(loader)
@@ -754,6 +760,9 @@ class Trainer:
         mean_loss = float(acc.reduce(total, reduction="mean"))  # the same on every process
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
+            # under DeepSpeed the reduced gradients stay in its partitions (accelerate's zero_grad is a no-op
+            # there): this trainer must not step again
+            self._stopped = self.zero
             where = f"; the last good checkpoint is {str(last_checkpoint)!r}" if last_checkpoint else ""
             raise NonFiniteLossError(
                 f"training: the loss is {mean_loss} at step {self.step + 1}{where}. Lower the learning "
@@ -763,6 +772,15 @@ class Trainer:
             self.wrapped.step()
             norm = self.wrapped.get_global_grad_norm() if c.optim.max_grad_norm is not None else None
             grad_norm = None if norm is None else float(norm)
+            if acc.optimizer_step_was_skipped:
+                # float32 weights: DeepSpeed skips an update only for NaN or infinite gradients (its "overflow"),
+                # where a run without DeepSpeed would have non-finite weights: stop as it does
+                last = last_checkpoint if last_checkpoint is not None else latest_checkpoint(self.checkpoint_dir)
+                where = f"; the last good checkpoint is {str(last)!r}" if last else ""
+                raise NonFiniteWeightsError(
+                    f"training: the gradients hold NaN or infinite values at step {self.step + 1} (the loss is "
+                    f"{mean_loss:.6g}); DeepSpeed skipped the update and nothing of it was saved{where}. Lower the "
+                    "learning rates (optim.*_lr), set optim.max_grad_norm, or check the data.")
         elif c.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(list(trained.values()), c.optim.max_grad_norm))
         self.optimizer.step()

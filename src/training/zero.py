@@ -18,6 +18,7 @@ Every function here that gathers is a collective: every process calls it, in the
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,39 +38,75 @@ def _plugin(accelerator: Any) -> Any:
     return getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
 
 
-def _enabled(section: Any) -> bool:
-    return isinstance(section, dict) and str(section.get("enabled", False)).lower() == "true"
+def _flag(value: Any, what: str) -> bool | None:
+    """A DeepSpeed on/off setting as a bool (None for "auto" or absent); DeepSpeed itself reads any string
+    as true, so only true/false (any case) are taken."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"accelerate: the DeepSpeed config's {what} is {value!r}; give true, false or \"auto\"")
+
+
+def _number(value: Any, what: str) -> float | None:
+    if value is None or value == "auto":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"accelerate: the DeepSpeed config's {what} is {value!r}, not a number or "
+                         "\"auto\"") from None
+    if not math.isfinite(number):
+        raise ValueError(f"accelerate: the DeepSpeed config's {what} is {value!r}, not a finite number")
+    return number
 
 
 def check_zero_config(accelerator: Any, mixed_precision: str = "no") -> None:
     """Refuse, with one line naming the setting, a DeepSpeed configuration the trainer does not run."""
     if mixed_precision == "fp16":
-        raise ValueError("mixed_precision: fp16 is not supported under DeepSpeed (ZeRO runs float16 autocast "
-                         "without loss scaling); use bf16 (" + _DOC + ")")
+        raise ValueError("mixed_precision: fp16 is not supported under DeepSpeed by melfusion's trainer (untested: "
+                         "ZeRO's loss scaling beside the trainer's clipping and checks); use bf16 (" + _DOC + ")")
     plugin = _plugin(accelerator)
     config = getattr(plugin, "deepspeed_config", None)
     if not isinstance(config, dict):
         raise ValueError("accelerate: DeepSpeed was selected but its plugin carries no configuration; launch with "
                          "--config_file examples/accelerate/deepspeed_zero2.yaml (" + _DOC + ")")
     zero = config.get("zero_optimization", {}) or {}
+    if not isinstance(zero, dict):
+        raise ValueError("accelerate: the DeepSpeed config's zero_optimization is not a mapping")
     stage = zero.get("stage", 0)
-    if stage not in (1, 2):
-        raise ValueError(f"accelerate: DeepSpeed zero_optimization.stage {stage} is not supported by melfusion's "
-                         "trainer; it runs stages 1 and 2 (the weights whole on every process). For weights "
-                         "split between processes (ZeRO-3), use FSDP: examples/accelerate/fsdp.yaml (" + _DOC + ")")
+    if isinstance(stage, str) and stage.strip().isdigit():
+        stage = int(stage)  # DeepSpeed reads "2" as 2
+    if isinstance(stage, bool) or stage not in (1, 2):
+        raise ValueError(f"accelerate: DeepSpeed zero_optimization.stage {stage!r} is not supported by "
+                         "melfusion's trainer; it runs stages 1 and 2 (the weights whole on every process). For "
+                         "weights split between processes (ZeRO-3), use FSDP: examples/accelerate/fsdp.yaml ("
+                         + _DOC + ")")
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
         if str(device).lower() not in ("none", "auto"):
             raise ValueError(f"accelerate: DeepSpeed zero_optimization.{key} (device {device}) is not supported by "
                              f"melfusion's trainer (untested); remove it (" + _DOC + ")")
     for key in ("bf16", "fp16"):
-        if _enabled(config.get(key)):
+        section = config.get(key)
+        if isinstance(section, dict) and _flag(section.get("enabled", False), f"{key}.enabled"):
             raise ValueError(
                 f"accelerate: DeepSpeed {key}.enabled casts the trained module's weights, frozen ones included, to "
                 f"half precision; melfusion's trainer keeps them in float32. For {key} compute set {key}.enabled "
                 f"false and torch_autocast: {{enabled: true, dtype: "
                 f"{'bfloat16' if key == 'bf16' else 'float16'}}} (examples/accelerate/deepspeed_zero2.json; "
                 + _DOC + ")")
+    for key, instead in (("optimizer", "optim.* in the training config"),
+                         ("scheduler", "optim.lr_scheduler and optim.warmup_steps in the training config")):
+        if key in config:
+            # the trainer builds both (its learning-rate groups); DeepSpeed would build and step its own too
+            raise ValueError(f"accelerate: the DeepSpeed config has a {key!r} section; melfusion's trainer builds "
+                             f"its own (set {instead}): remove it (" + _DOC + ")")
+
+
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16"}
 
 
 def fill_zero_config(accelerator: Any, *, batch_size: int, gradient_accumulation_steps: int,
@@ -78,30 +115,29 @@ def fill_zero_config(accelerator: Any, *, batch_size: int, gradient_accumulation
     before ``prepare``.
 
     ``"auto"`` (or absent) values take the training config's; a value that differs from it is refused, naming
-    both, since DeepSpeed would otherwise train otherwise than the config says. Mixed precision is DeepSpeed's
-    ``torch_autocast`` (bf16 only: ZeRO runs float16 autocast without loss scaling).
+    both, since DeepSpeed would otherwise train otherwise than the config says. What is written is always the
+    training config's value, in the type DeepSpeed reads. Mixed precision is DeepSpeed's ``torch_autocast``
+    (``mixed_precision: bf16``; the trainer refuses fp16 under DeepSpeed).
     """
     config = _plugin(accelerator).deepspeed_config
     autocast = config.setdefault("torch_autocast", {})
     if not isinstance(autocast, dict):
         raise ValueError("accelerate: the DeepSpeed config's torch_autocast is not a mapping")
     want_on = mixed_precision == "bf16"
-    on = autocast.get("enabled", "auto")
-    if on in ("auto", None):
-        autocast["enabled"] = want_on
-    elif str(on).lower() != str(want_on).lower():
+    on = _flag(autocast.get("enabled", "auto"), "torch_autocast.enabled")
+    if on is not None and on != want_on:
         raise ValueError(f"accelerate: the DeepSpeed config sets torch_autocast.enabled {on}, the training "
                          f"config's mixed_precision is {mixed_precision!r}; set it to \"auto\" in the DeepSpeed "
                          "config (melfusion fills it in)")
-    if autocast["enabled"] is True or str(autocast["enabled"]).lower() == "true":
-        dtype = autocast.get("dtype", "auto")
-        if dtype in ("auto", None):
-            autocast["dtype"] = "bfloat16"
-        elif str(dtype).removeprefix("torch.") != "bfloat16":
+    autocast["enabled"] = want_on
+    dtype = autocast.get("dtype", "auto")
+    if want_on:
+        if dtype not in ("auto", None) and _DTYPES.get(str(dtype)) is None:
             raise ValueError(f"accelerate: the DeepSpeed config's torch_autocast.dtype is {dtype}; melfusion's "
                              "trainer runs bfloat16 (mixed_precision: bf16) under DeepSpeed")
-    elif autocast.get("dtype") == "auto":
-        autocast.pop("dtype")
+        autocast["dtype"] = "bfloat16"
+    elif dtype in ("auto", None):
+        autocast.pop("dtype", None)
     world = int(accelerator.num_processes)
     wanted = {
         "train_micro_batch_size_per_gpu": batch_size,
@@ -114,13 +150,12 @@ def fill_zero_config(accelerator: Any, *, batch_size: int, gradient_accumulation
              "train_batch_size": f"batch_size x gradient_accumulation_steps x {world} processes",
              "gradient_clipping": "optim.max_grad_norm"}
     for key, value in wanted.items():
-        given = config.get(key, "auto")
-        if given == "auto" or given is None:
-            config[key] = value
-        elif float(given) != float(value):
-            raise ValueError(f"accelerate: the DeepSpeed config sets {key} {given}, the training config's "
+        given = _number(config.get(key, "auto"), key)
+        if given is not None and given != float(value):
+            raise ValueError(f"accelerate: the DeepSpeed config sets {key} {config[key]}, the training config's "
                              f"{names[key]} gives {value}; set it to \"auto\" in the DeepSpeed config "
                              f"(melfusion fills it in)")
+        config[key] = value
     # the trainer hands DeepSpeed a torch AdamW (its learning-rate groups), which ZeRO runs as a client optimizer
     config.setdefault("zero_allow_untested_optimizer", True)
 

@@ -22,20 +22,22 @@ from pathlib import Path
 # (deepspeed.comm's attribute `torch` is the torch package: the module itself is looked up by name)
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see the module doc
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
-from melfusion.training import TrainConfig, Trainer  # noqa: E402
+from melfusion.training import NonFiniteWeightsError, TrainConfig, Trainer  # noqa: E402
 
 
-def _accelerator() -> Accelerator:
+def _accelerator(mixed_precision: str) -> Accelerator:
     state = PartialState()
     assert os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and dist.is_initialized()
     PartialState._shared_state.update(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
                                       local_process_index=int(os.environ["LOCAL_RANK"]), backend="gloo")
     assert state.num_processes == dist.get_world_size() > 1
-    accelerator = Accelerator()  # the plugin comes from the launcher's ACCELERATE_DEEPSPEED_* variables
+    # as the Trainer builds it; the plugin comes from the launcher's ACCELERATE_DEEPSPEED_* variables
+    accelerator = Accelerator(mixed_precision=mixed_precision)
     assert accelerator.distributed_type == DistributedType.DEEPSPEED, accelerator.distributed_type
     return accelerator
 
@@ -51,9 +53,12 @@ def main() -> None:
     parser.add_argument("--also-resume", nargs=2, metavar=("CHECKPOINT", "OUTPUT2"), default=None,
                         help="then a run in OUTPUT2 resumes a copy of CHECKPOINT (e.g. one written without "
                              "DeepSpeed) to the config's max_steps")
+    parser.add_argument("--nan-gradient", default=None, metavar="OUTPUT3",
+                        help="then a run in OUTPUT3 whose gradients are made NaN (the loss stays finite) must stop "
+                             "with NonFiniteWeightsError")
     args = parser.parse_args()
-    accelerator = _accelerator()
     config = TrainConfig.load(args.config, output=args.output)
+    accelerator = _accelerator(config.mixed_precision)
     trainer = Trainer(config, accelerator=accelerator)
     zero = trainer.wrapped.zero_optimization_stage()
     result = trainer.train(max_steps=args.max_steps)
@@ -84,6 +89,19 @@ def main() -> None:
         result = trainer.train(resume=True)
         if accelerator.is_main_process:
             print(f"resumed {source.name}: trained {result.step} steps", flush=True)
+    if args.nan_gradient:
+        trainer = Trainer(TrainConfig.load(args.config, output=args.nan_gradient), accelerator=accelerator)
+        name, param = next(iter(trainer._trained().items()))
+        before = param.detach().clone()
+        param.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        try:
+            trainer.train()
+        except NonFiniteWeightsError as exc:
+            same = torch.equal(param.detach(), before)
+            if accelerator.is_main_process:
+                print(f"refused: {exc}; {name} unchanged: {same}", flush=True)
+        else:
+            raise AssertionError("NaN gradients were not refused")
 
 
 if __name__ == "__main__":
