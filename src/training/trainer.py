@@ -775,12 +775,11 @@ class Trainer:
             if acc.optimizer_step_was_skipped:
                 # float32 weights: DeepSpeed skips an update only for NaN or infinite gradients (its "overflow"),
                 # where a run without DeepSpeed would have non-finite weights: stop as it does
-                last = last_checkpoint if last_checkpoint is not None else latest_checkpoint(self.checkpoint_dir)
-                where = f"; the last good checkpoint is {str(last)!r}" if last else ""
                 raise NonFiniteWeightsError(
                     f"training: the gradients hold NaN or infinite values at step {self.step + 1} (the loss is "
-                    f"{mean_loss:.6g}); DeepSpeed skipped the update and nothing of it was saved{where}. Lower the "
-                    "learning rates (optim.*_lr), set optim.max_grad_norm, or check the data.")
+                    f"{mean_loss:.6g}); DeepSpeed skipped the update and nothing of it was saved"
+                    f"{self._last_good(last_checkpoint)}. Lower the learning rates (optim.*_lr), set "
+                    "optim.max_grad_norm, or check the data.")
         elif c.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(list(trained.values()), c.optim.max_grad_norm))
         self.optimizer.step()
@@ -811,12 +810,15 @@ class Trainer:
             return
         bad = [k for k, ok in zip(tensors, flags.tolist(), strict=True) if not ok]
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        last = last_checkpoint if last_checkpoint is not None else latest_checkpoint(self.checkpoint_dir)
-        where = f"; the last good checkpoint is {str(last)!r}" if last else ""
         raise NonFiniteWeightsError(
             f"{what}: the trained weights hold NaN or infinite values after step {step} ({shown}); nothing of "
-            f"them was saved{where}. Lower the learning rates (optim.*_lr), set optim.max_grad_norm, try "
+            f"them was saved{self._last_good(last_checkpoint)}. Lower the learning rates (optim.*_lr), set optim.max_grad_norm, try "
             "mixed_precision: bf16 instead of fp16, or check the data.")
+
+    def _last_good(self, last_checkpoint: Path | None) -> str:
+        """``"; the last good checkpoint is '...'"`` for an error message (empty when there is none)."""
+        last = last_checkpoint if last_checkpoint is not None else latest_checkpoint(self.checkpoint_dir)
+        return f"; the last good checkpoint is {str(last)!r}" if last else ""
 
     def _lrs(self) -> dict[str, float]:
         return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
