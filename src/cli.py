@@ -138,9 +138,8 @@ def _generate_manifest(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .files import check_output
+    from .files import AUDIO_SUFFIXES, check_output, output_paths
     from .images import open_image
-    from .pipeline import AUDIO_SUFFIXES, output_paths
 
     if args.manifest is not None:
         return _generate_manifest(args)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 __all__ = ["check_input_file", "atomic_path", "write_atomic", "check_output", "replace_folder", "clean_leftovers", "same_file",
-           "apply_umask", "pid_alive", "OutputExistsError"]
+           "apply_umask", "pid_alive", "OutputExistsError", "AUDIO_SUFFIXES", "output_paths"]
 
 
 class OutputExistsError(FileExistsError):
@@ -302,3 +302,17 @@ def _set_modes(folder: Path) -> None:
             apply_umask(Path(root) / d, folder=True)
         for f in files:
             apply_umask(Path(root) / f, folder=False)
+
+
+#: the audio formats generated clips are written in (by their suffix)
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def output_paths(path: str | os.PathLike, count: int) -> list[Path]:
+    """The files :meth:`~melfusion.pipeline.GenerationOutput.save` writes for ``count`` samples: ``path``, or
+    ``stem_i.suffix``. Here, beside the output checks, so that the CLI refuses an output before importing the
+    models."""
+    path = Path(path)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix or '.wav'}") for i in range(count)]

@@ -29,7 +29,7 @@ import torch
 from .backbones.text import check_texts
 from .checks import NonFiniteError, check_size, finite_float, positive_int
 from .config import SCHEDULERS, MelFusionConfig
-from .files import atomic_path, check_output
+from .files import AUDIO_SUFFIXES, atomic_path, check_output, output_paths  # noqa: F401 (AUDIO_SUFFIXES, output_paths: also importable from here, as before)
 from .image_features import image_features, music_tokens
 from .images import load_images
 from .interfaces import concat_text
@@ -134,15 +134,6 @@ class GenerationOutput:
 
 
 #: the audio formats GenerationOutput.save writes, by suffix
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
-
-
-def output_paths(path: str | Path, count: int) -> list[Path]:
-    """The files :meth:`GenerationOutput.save` writes for ``count`` samples: ``path``, or ``stem_i.suffix``."""
-    path = Path(path)
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_{i}{path.suffix or '.wav'}") for i in range(count)]
 
 
 

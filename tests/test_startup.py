@@ -29,6 +29,22 @@ def test_cli_help_and_version_import_no_torch(argv):
     assert "melfusion" in done.stdout
 
 
+def test_generate_refuses_an_existing_output_before_importing_the_models(tmp_path):
+    """An output that would be overwritten (or an input that is missing) is refused in a fraction of a second:
+    before torch, diffusers or transformers are imported, let alone a model loaded."""
+    from pathlib import Path
+
+    image = Path(__file__).resolve().parents[1] / "examples" / "images" / "blue-bright.png"
+    (tmp_path / "song.wav").write_bytes(b"mine")
+    for out, image_arg, message in ((tmp_path / "song.wav", image, "already exists"),
+                                    (tmp_path / "new.wav", tmp_path / "missing.png", "--image")):
+        argv = ["generate", "--image", str(image_arg), "--text", "a tune", "--out", str(out)]
+        done = run_python(f"from melfusion.cli import main\nassert main({argv!r}) == 2")
+        assert heavy_modules(done) == ""
+        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert (tmp_path / "song.wav").read_bytes() == b"mine"
+
+
 def test_version_flag_prints_the_package_version():
     import melfusion
 
