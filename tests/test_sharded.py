@@ -1,10 +1,12 @@
-"""Sharded training: accelerate's FSDP2 engine trains exactly as data parallelism does, checkpoints hold whole
-tensors, a resumed sharded run continues exactly, and the saved model loads. DeepSpeed, Megatron-LM and FSDP
-version 1 are refused before any work, with what to use instead.
+"""Sharded training: accelerate's FSDP2 engine and DeepSpeed ZeRO-2 train exactly as data parallelism does,
+checkpoints hold whole tensors in the usual layout, a resumed sharded run continues exactly (across engines
+too, for ZeRO), and the saved model loads. Megatron-LM, FSDP version 1 and the DeepSpeed settings the trainer
+does not run are refused before any work, with what to use instead.
 
 accelerate selects FSDP only from GPU-family distributed types; tests/helpers/fsdp_cpu.py marks two CPU
-processes (gloo) as multi-GPU so that accelerate's own FSDP2 path runs here (docs/training.md, "Sharded
-training").
+processes (gloo) as multi-GPU so that accelerate's own FSDP2 path runs here. DeepSpeed runs on the CPU, but
+accelerate gives its processes no backend there; tests/helpers/deepspeed_cpu.py corrects that (docs/training.md,
+"Sharded training").
 """
 
 from __future__ import annotations
