@@ -29,7 +29,7 @@ import torch
 from .backbones.text import check_texts
 from .checks import NonFiniteError, check_size, finite_float, positive_int
 from .config import SCHEDULERS, MelFusionConfig
-from .files import AUDIO_SUFFIXES, atomic_path, check_output, output_paths  # noqa: F401 (AUDIO_SUFFIXES, output_paths: also importable from here, as before)
+from .files import AUDIO_SUFFIXES, atomic_path, check_output, output_paths
 from .image_features import image_features, music_tokens
 from .images import load_images
 from .interfaces import concat_text
@@ -131,11 +131,6 @@ class GenerationOutput:
         prompt = self.texts[index] if len(self.texts) == len(mel) else None
         return spectrogram_png(one, path, overwrite=overwrite, title=prompt, sections=self.sections,
                                **(self.mel_params or {}))
-
-
-#: the audio formats GenerationOutput.save writes, by suffix
-
-
 
 
 @dataclass

@@ -812,8 +812,8 @@ class Trainer:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteWeightsError(
             f"{what}: the trained weights hold NaN or infinite values after step {step} ({shown}); nothing of "
-            f"them was saved{self._last_good(last_checkpoint)}. Lower the learning rates (optim.*_lr), set optim.max_grad_norm, try "
-            "mixed_precision: bf16 instead of fp16, or check the data.")
+            f"them was saved{self._last_good(last_checkpoint)}. Lower the learning rates (optim.*_lr), set "
+            "optim.max_grad_norm, try mixed_precision: bf16 instead of fp16, or check the data.")
 
     def _last_good(self, last_checkpoint: Path | None) -> str:
         """``"; the last good checkpoint is '...'"`` for an error message (empty when there is none)."""
@@ -1035,14 +1035,16 @@ class Trainer:
         path = self.output / "model" if path is None else Path(path)
         self._check_weights("model", self.step)
         if not self.sharded:
-            # under DeepSpeed ZeRO the trained weights are views into one flat buffer: saved from copies
-            with own_storage(self.module) if self.zero else contextlib.nullcontext():
-                averaged = contextlib.nullcontext() if self.ema is None else self.ema.swapped_into(self._trained())
-                with averaged:
-                    return self.model.save_pretrained(path)
-        averaged = contextlib.nullcontext() if self.ema is None else self.ema.swapped_into(self._trained())
-        with averaged, whole_parameters(self.module, keep=self.accelerator.is_main_process):
+            # under DeepSpeed ZeRO the trained weights are views into one flat buffer: saved from copies (entered
+            # first, so that the average goes into the copies)
+            with own_storage(self.module) if self.zero else contextlib.nullcontext(), self._averaged():
+                return self.model.save_pretrained(path)
+        with self._averaged(), whole_parameters(self.module, keep=self.accelerator.is_main_process):
             return self._on_main(lambda: self.model.save_pretrained(path))
+
+    def _averaged(self):
+        """Inside, the trained weights are the EMA's (a no-op without an average)."""
+        return contextlib.nullcontext() if self.ema is None else self.ema.swapped_into(self._trained())
 
 
 

@@ -85,7 +85,7 @@ def check_zero_config(accelerator: Any, mixed_precision: str = "no") -> None:
                          "weights split between processes (ZeRO-3), use FSDP: examples/accelerate/fsdp.yaml ("
                          + _DOC + ")")
     for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
+        device = zero[key].get("device", "none") if isinstance(zero.get(key), dict) else "none"
         if str(device).lower() not in ("none", "auto"):
             raise ValueError(f"accelerate: DeepSpeed zero_optimization.{key} (device {device}) is not supported by "
                              f"melfusion's trainer (untested); remove it (" + _DOC + ")")
@@ -106,7 +106,8 @@ def check_zero_config(accelerator: Any, mixed_precision: str = "no") -> None:
                              f"its own (set {instead}): remove it (" + _DOC + ")")
 
 
-_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16"}
+#: how a DeepSpeed config may spell bfloat16
+_BF16_NAMES = {"bfloat16", "bf16", "torch.bfloat16"}
 
 
 def fill_zero_config(accelerator: Any, *, batch_size: int, gradient_accumulation_steps: int,
@@ -132,7 +133,7 @@ def fill_zero_config(accelerator: Any, *, batch_size: int, gradient_accumulation
     autocast["enabled"] = want_on
     dtype = autocast.get("dtype", "auto")
     if want_on:
-        if dtype not in ("auto", None) and _DTYPES.get(str(dtype)) is None:
+        if dtype not in ("auto", None) and str(dtype) not in _BF16_NAMES:
             raise ValueError(f"accelerate: the DeepSpeed config's torch_autocast.dtype is {dtype}; melfusion's "
                              "trainer runs bfloat16 (mixed_precision: bf16) under DeepSpeed")
         autocast["dtype"] = "bfloat16"
